@@ -1,0 +1,227 @@
+//! Frame bodies: the rkyv-archived `Trade`, `Kline` and `Heartbeat`.
+//!
+//! Every body is fixed-size (no strings, no vectors: the symbol is inline), so its archived size is
+//! a constant and readers access it in place, zero-copy, after validation. Prices are `i64`
+//! mantissas at the symbol's `price_scale`, quantities `i64` at `qty_scale`; volumes are `i128`
+//! (quote volumes at `price_scale + qty_scale`) so sums never overflow.
+//! Upstream: the aggregator and the feeds build these; downstream: `frame` encodes them.
+
+use crate::decimal::Fixed;
+use crate::interval::Interval;
+use crate::symbol::Symbol;
+
+/// One exchange trade.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(derive(Debug))]
+pub struct Trade {
+    pub symbol: Symbol,
+    /// Dense index of the symbol in the broker (stable for the life of a broker).
+    pub symbol_id: u32,
+    pub price_scale: u8,
+    pub qty_scale: u8,
+    /// Binance `m`: the buyer was the maker (the trade was a sell aggressor).
+    pub is_buyer_maker: bool,
+    /// Binance `t`: the exchange's trade id, increasing per symbol.
+    pub trade_id: i64,
+    pub price: i64,
+    pub qty: i64,
+    /// Binance `T`, in microseconds since the epoch (exchange clock).
+    pub time_us: i64,
+}
+
+impl Trade {
+    pub fn price_fixed(&self) -> Fixed {
+        Fixed::new(i128::from(self.price), self.price_scale)
+    }
+    pub fn qty_fixed(&self) -> Fixed {
+        Fixed::new(i128::from(self.qty), self.qty_scale)
+    }
+    /// `price × qty`, exact, at scale `price_scale + qty_scale`.
+    pub fn quote_qty(&self) -> Fixed {
+        Fixed::new(
+            i128::from(self.price) * i128::from(self.qty),
+            self.price_scale + self.qty_scale,
+        )
+    }
+    pub fn time_ms(&self) -> i64 {
+        self.time_us.div_euclid(1000)
+    }
+}
+
+/// K-line flag: this closed K-line replaces an earlier close (a late trade amended it).
+pub const KLINE_FLAG_AMENDED: u8 = 1;
+/// K-line flag: the feed was down during part of this interval (data may be incomplete).
+pub const KLINE_FLAG_FEED_GAP: u8 = 2;
+
+/// One K-line with every Binance field (`t T s i f L o c h l v n x q V Q`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(derive(Debug))]
+pub struct Kline {
+    /// `s`
+    pub symbol: Symbol,
+    pub symbol_id: u32,
+    /// `i`, as [`Interval`]'s wire value.
+    pub interval: u8,
+    pub price_scale: u8,
+    pub qty_scale: u8,
+    /// `x`
+    pub closed: bool,
+    /// `KLINE_FLAG_*` bits.
+    pub flags: u8,
+    /// 0 for the first close; +1 for each amended re-close.
+    pub revision: u16,
+    /// `t`, ms.
+    pub open_time: i64,
+    /// `T`, ms: next open − 1.
+    pub close_time: i64,
+    /// `f`; −1 for an empty K-line.
+    pub first_trade_id: i64,
+    /// `L`; −1 for an empty K-line.
+    pub last_trade_id: i64,
+    /// `n`
+    pub trade_count: u64,
+    /// `o`, `h`, `l`, `c` at `price_scale`.
+    pub open: i64,
+    pub high: i64,
+    pub low: i64,
+    pub close: i64,
+    /// `v` at `qty_scale`.
+    pub volume: i128,
+    /// `q` at `price_scale + qty_scale`.
+    pub quote_volume: i128,
+    /// `V` at `qty_scale`.
+    pub taker_buy_volume: i128,
+    /// `Q` at `price_scale + qty_scale`.
+    pub taker_buy_quote_volume: i128,
+}
+
+impl Kline {
+    /// A K-line opened by its first trade.
+    pub fn open_with(interval: Interval, open_time: i64, t: &Trade) -> Kline {
+        let mut k = Kline::empty(
+            interval,
+            open_time,
+            t.symbol,
+            t.symbol_id,
+            t.price_scale,
+            t.qty_scale,
+            t.price,
+        );
+        k.add(t);
+        k
+    }
+
+    /// Binance's empty K-line: `o = h = l = c = previous close`, no volume, `f = L = -1`.
+    pub fn empty(
+        interval: Interval,
+        open_time: i64,
+        symbol: Symbol,
+        symbol_id: u32,
+        price_scale: u8,
+        qty_scale: u8,
+        prev_close: i64,
+    ) -> Kline {
+        Kline {
+            symbol,
+            symbol_id,
+            interval: interval as u8,
+            price_scale,
+            qty_scale,
+            closed: false,
+            flags: 0,
+            revision: 0,
+            open_time,
+            close_time: interval.close_time(open_time),
+            first_trade_id: -1,
+            last_trade_id: -1,
+            trade_count: 0,
+            open: prev_close,
+            high: prev_close,
+            low: prev_close,
+            close: prev_close,
+            volume: 0,
+            quote_volume: 0,
+            taker_buy_volume: 0,
+            taker_buy_quote_volume: 0,
+        }
+    }
+
+    /// Folds one trade of this bucket into the K-line.
+    pub fn add(&mut self, t: &Trade) {
+        if self.trade_count == 0 {
+            self.open = t.price;
+            self.high = t.price;
+            self.low = t.price;
+            self.first_trade_id = t.trade_id;
+        } else {
+            self.high = self.high.max(t.price);
+            self.low = self.low.min(t.price);
+        }
+        self.close = t.price;
+        self.last_trade_id = t.trade_id;
+        self.trade_count += 1;
+        let qty = i128::from(t.qty);
+        let quote = i128::from(t.price) * qty;
+        self.volume += qty;
+        self.quote_volume += quote;
+        if !t.is_buyer_maker {
+            // The taker was the buyer.
+            self.taker_buy_volume += qty;
+            self.taker_buy_quote_volume += quote;
+        }
+    }
+
+    pub fn interval(&self) -> Option<Interval> {
+        Interval::from_u8(self.interval)
+    }
+}
+
+/// What the broker knows about its source, carried in heartbeats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FeedState {
+    /// Not yet connected.
+    Unknown = 0,
+    /// Data is flowing (or the market is quiet while connected).
+    Live = 1,
+    /// The source is disconnected: silence is not a quiet market.
+    Down = 2,
+    /// A finite source (CSV, `--max-trades`) has ended.
+    Ended = 3,
+}
+
+impl FeedState {
+    pub fn from_u8(v: u8) -> Option<FeedState> {
+        Some(match v {
+            0 => FeedState::Unknown,
+            1 => FeedState::Live,
+            2 => FeedState::Down,
+            3 => FeedState::Ended,
+            _ => return None,
+        })
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FeedState::Unknown => "unknown",
+            FeedState::Live => "live",
+            FeedState::Down => "down",
+            FeedState::Ended => "ended",
+        }
+    }
+}
+
+/// Liveness beacon, sent at least every `interval_ms` while a stream is idle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(derive(Debug))]
+pub struct Heartbeat {
+    /// Random per broker incarnation: a change means the publisher restarted.
+    pub publisher_id: u64,
+    /// The last data seq published on this stream (0 if none yet).
+    pub last_seq: u64,
+    /// The promised maximum silence between frames, ms.
+    pub interval_ms: u32,
+    /// [`FeedState`] as its wire value.
+    pub feed_state: u8,
+    /// When this broker incarnation started, ns since the epoch.
+    pub started_at_ns: i64,
+}
