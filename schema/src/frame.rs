@@ -277,6 +277,29 @@ impl<'a> FrameRef<'a> {
         Ok(())
     }
 
+    /// The symbol bytes of a trade or K-line body, unvalidated: a cheap pre-filter before
+    /// [`trade`](Self::trade) / [`kline`](Self::kline) validate the whole body.
+    pub fn peek_symbol(&self) -> Option<&'a [u8]> {
+        // Both bodies start with the symbol (pinned by the golden-bytes test).
+        const AT: usize = std::mem::offset_of!(ArchivedKline, symbol);
+        const _: () = assert!(AT == std::mem::offset_of!(ArchivedTrade, symbol));
+        match self.header.kind {
+            FrameKind::Trade | FrameKind::Kline => {
+                self.body.get(AT..AT + crate::symbol::SYMBOL_MAX_LEN)
+            }
+            FrameKind::Heartbeat => None,
+        }
+    }
+
+    /// The interval wire value of a K-line body, unvalidated (a cheap pre-filter).
+    pub fn peek_interval(&self) -> Option<u8> {
+        const AT: usize = std::mem::offset_of!(ArchivedKline, interval);
+        match self.header.kind {
+            FrameKind::Kline => self.body.get(AT).copied(),
+            _ => None,
+        }
+    }
+
     /// The archived trade, validated, in place (zero-copy).
     pub fn trade(&self) -> Result<&'a ArchivedTrade, FrameDecodeError> {
         self.expect(FrameKind::Trade)?;

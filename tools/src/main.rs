@@ -1,1 +1,89 @@
-fn main() {}
+//! `mdbus`: one binary, one subcommand per process of the bus.
+//!
+//! Upstream: the command line, `MDBUS_*` environment, TOML config. Downstream: the broker
+//! (`mdbus-publisher`), the client library (`mdbus-subscribers`) and the benchmarks.
+
+mod cmd;
+mod config;
+mod signals;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// A shared-memory, zero-copy market-data bus: trades and K-lines from a broker to co-located
+/// readers over iceoryx2.
+#[derive(Debug, Parser)]
+#[command(name = "mdbus", version, about, propagate_version = true)]
+pub struct Cli {
+    /// TOML config file (defaults are embedded; see config/default.toml).
+    #[arg(long, global = true, env = "MDBUS_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Bus name: the namespace of this bus's shared-memory services.
+    #[arg(
+        long,
+        global = true,
+        env = "MDBUS_BUS",
+        default_value = "default",
+        value_name = "NAME"
+    )]
+    pub bus: String,
+    /// Log format on stderr (filter with RUST_LOG, default info).
+    #[arg(long, global = true, env = "MDBUS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// The main job on embedded defaults: a broker on the synthetic feed plus a live summary.
+    Demo(cmd::demo::DemoArgs),
+    /// Ingest trades, aggregate K-lines, publish them on the bus.
+    Broker(cmd::broker::BrokerArgs),
+    /// Print frames of a stream as JSON lines.
+    Tail(cmd::tail::TailArgs),
+    /// Measure the bus against raw iceoryx2 and a Unix socket in the same run.
+    Bench(cmd::bench::BenchArgs),
+    /// Benchmark helper process (started by `mdbus bench`).
+    #[command(hide = true)]
+    BenchPeer(cmd::bench::PeerArgs),
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_target(false).init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let result = match &cli.command {
+        Command::Demo(a) => cmd::demo::run(&cli, a),
+        Command::Broker(a) => cmd::broker::run(&cli, a),
+        Command::Tail(a) => cmd::tail::run(&cli, a),
+        Command::Bench(a) => cmd::bench::run(&cli, a),
+        Command::BenchPeer(a) => cmd::bench::peer(&cli, a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("mdbus: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,359 @@
+//! The broker's publish loop: source → aggregator → frames → the real-time stream.
+//!
+//! Upstream: the synthetic feed (more sources come with the connectivity work). Downstream: the
+//! `realtime` stream in shared memory (trades, K-line updates and closes, heartbeats) and the
+//! optional `--record` CSV files.
+//!
+//! One thread does it all, optionally pinned. Each round it ingests every trade that is due
+//! (bounded per round), lets the clock close K-lines, drains the conflated K-line updates, and
+//! sends what it has: a quiet round sends one small sample, a busy one fills samples up to
+//! `max_sample_bytes` (natural batching). Trades and closes are never conflated; updates of the
+//! same open K-line within one round are. Every data frame gets the stream's next sequence
+//! number; when nothing was sent for `heartbeat_ms`, a heartbeat carrying the last seq goes out.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use mdbus_bus::{BusError, BusNode, StreamPublisher, StreamSettings};
+use mdbus_schema::frame::header;
+use mdbus_schema::service::REALTIME_STREAM_ID;
+use mdbus_schema::{FeedState, FrameKind, FrameWriter, Heartbeat, Kline, Seq, Trade};
+
+use crate::aggregator::{Aggregator, AggregatorConfig, AggregatorStats};
+use crate::record::{RecordWriteError, Recorder};
+use crate::synthetic::{SymbolNamesError, SyntheticConfig, SyntheticFeed};
+
+/// Whose clock closes K-lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClockMode {
+    /// The host's wall clock (live sources). Trades are paced to it.
+    Wall,
+    /// The data's own event time (replays, simulated time): a K-line closes when the event time
+    /// of later data passes its end plus the grace, whatever the replay speed.
+    Event,
+}
+
+/// Everything the broker needs, validated.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    pub bus: String,
+    pub stream: StreamSettings,
+    pub feed: SyntheticConfig,
+    pub clock: ClockMode,
+    /// Event-clock replay speed (× real time); 0 = as fast as possible.
+    pub speed: f64,
+    pub heartbeat_ms: u64,
+    pub tick_ms: u64,
+    pub close_grace_ms: i64,
+    pub record: Option<PathBuf>,
+    /// Send only heartbeats until this many subscribers are connected.
+    pub wait_subscribers: usize,
+    pub core: Option<usize>,
+}
+
+/// Why the broker stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerRunError {
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error(transparent)]
+    Record(#[from] RecordWriteError),
+    #[error(transparent)]
+    Symbols(#[from] SymbolNamesError),
+    #[error("frame encoding failed at seq {0}")]
+    Encode(Seq),
+}
+
+/// What a finished run did.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BrokerReport {
+    pub trades: u64,
+    pub frames: u64,
+    pub samples: u64,
+    pub heartbeats: u64,
+    pub bytes: u64,
+    pub last_seq: Seq,
+    pub max_subscribers_seen: usize,
+    pub aggregator: AggregatorStats,
+}
+
+/// Nanoseconds since the Unix epoch.
+pub fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64)
+}
+
+/// Frames accumulated for the next sample, with the stream's sequence numbers.
+struct Batcher {
+    publisher: StreamPublisher,
+    writer: FrameWriter,
+    max: usize,
+    next_seq: Seq,
+    ts_event_ns: i64,
+    ts_recv_ns: i64,
+    last_send: Instant,
+    report: BrokerReport,
+}
+
+impl Batcher {
+    fn room_for(&mut self, kind: FrameKind) -> Result<(), BrokerRunError> {
+        if self.writer.len() + mdbus_schema::frame::encoded_frame_len(kind) > self.max {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn data_header(&mut self, kind: FrameKind) -> mdbus_schema::FrameHeader {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        mdbus_schema::FrameHeader {
+            ts_event_ns: self.ts_event_ns,
+            ts_recv_ns: self.ts_recv_ns,
+            ts_publish_ns: now_ns(),
+            ..header(kind, REALTIME_STREAM_ID, seq)
+        }
+    }
+
+    fn trade(&mut self, t: &Trade) -> Result<(), BrokerRunError> {
+        self.room_for(FrameKind::Trade)?;
+        let h = self.data_header(FrameKind::Trade);
+        self.writer
+            .push_trade(h, t)
+            .map_err(|_| BrokerRunError::Encode(h.seq))?;
+        Ok(())
+    }
+
+    fn kline(&mut self, k: &Kline) -> Result<(), BrokerRunError> {
+        self.room_for(FrameKind::Kline)?;
+        let h = self.data_header(FrameKind::Kline);
+        self.writer
+            .push_kline(h, k)
+            .map_err(|_| BrokerRunError::Encode(h.seq))?;
+        Ok(())
+    }
+
+    fn heartbeat(&mut self, hb: &Heartbeat) -> Result<usize, BrokerRunError> {
+        self.flush()?;
+        let h = mdbus_schema::FrameHeader {
+            ts_publish_ns: now_ns(),
+            ..header(FrameKind::Heartbeat, REALTIME_STREAM_ID, self.next_seq - 1)
+        };
+        self.writer
+            .push_heartbeat(h, hb)
+            .map_err(|_| BrokerRunError::Encode(h.seq))?;
+        self.report.heartbeats += 1;
+        self.send()
+    }
+
+    fn flush(&mut self) -> Result<(), BrokerRunError> {
+        if !self.writer.is_empty() {
+            self.send()?;
+        }
+        Ok(())
+    }
+
+    fn send(&mut self) -> Result<usize, BrokerRunError> {
+        let reached = self.publisher.send(self.writer.as_bytes())?;
+        self.report.samples += 1;
+        self.report.frames += self.writer.frames() as u64;
+        self.report.bytes += self.writer.len() as u64;
+        self.report.max_subscribers_seen = self.report.max_subscribers_seen.max(reached);
+        self.writer.clear();
+        self.last_send = Instant::now();
+        Ok(reached)
+    }
+}
+
+fn pin(core: Option<usize>) {
+    let Some(core) = core else { return };
+    let ids = core_affinity::get_core_ids().unwrap_or_default();
+    match ids.into_iter().find(|c| c.id == core) {
+        Some(id) if core_affinity::set_for_current(id) => {
+            tracing::info!(core, "broker thread pinned")
+        }
+        _ => tracing::warn!(
+            core,
+            "cannot pin the broker thread to this core; running unpinned"
+        ),
+    }
+}
+
+/// Runs the broker until `stop` is set (or forever). The feed ending does not stop it: it keeps
+/// heartbeating with `feed = ended` so readers can tell the end of data from a dead publisher.
+pub fn run(config: &BrokerConfig, stop: &AtomicBool) -> Result<BrokerReport, BrokerRunError> {
+    pin(config.core);
+    let mut feed = SyntheticFeed::new(&config.feed)?;
+    let specs = feed.specs();
+    let mut agg = Aggregator::new(
+        &specs,
+        AggregatorConfig {
+            close_grace_ms: config.close_grace_ms,
+        },
+    );
+    let mut recorder = config.record.as_deref().map(Recorder::new).transpose()?;
+
+    let node = BusNode::open(&config.bus, "broker")?;
+    let publisher = node.publisher("realtime", config.stream)?;
+    tracing::info!(
+        service = publisher.service(),
+        symbols = specs.len(),
+        "broker publishing"
+    );
+    let max = publisher.max_sample_bytes();
+    let mut out = Batcher {
+        publisher,
+        writer: FrameWriter::with_capacity(max),
+        max,
+        next_seq: 1,
+        ts_event_ns: 0,
+        ts_recv_ns: 0,
+        last_send: Instant::now(),
+        report: BrokerReport::default(),
+    };
+    let started_at_ns = now_ns();
+    let publisher_id = rand::random::<u64>();
+    let hb_every = Duration::from_millis(config.heartbeat_ms.max(1));
+    let mut hb = Heartbeat {
+        publisher_id,
+        last_seq: 0,
+        interval_ms: config.heartbeat_ms as u32,
+        feed_state: FeedState::Unknown as u8,
+        started_at_ns,
+    };
+
+    // Hold the feed until enough readers are connected (tests, benchmarks).
+    while config.wait_subscribers > 0 && !stop.load(Ordering::Relaxed) {
+        if out.heartbeat(&hb)? >= config.wait_subscribers {
+            break;
+        }
+        std::thread::sleep(hb_every.min(Duration::from_millis(20)));
+    }
+
+    let wall_start = Instant::now();
+    let event_start_us = feed.peek_time_us();
+    // Live synthetic data starts "now" on the wall clock.
+    let wall_offset_us = match config.clock {
+        ClockMode::Wall => now_ns() / 1000 - event_start_us,
+        ClockMode::Event => 0,
+    };
+    let mut feed_state = FeedState::Live;
+    let mut event_clock_ms = i64::MIN;
+    let tick = Duration::from_millis(config.tick_ms.max(1));
+    let mut last_hb = Instant::now();
+    const MAX_TRADES_PER_ROUND: usize = 4096;
+
+    while !stop.load(Ordering::Relaxed) {
+        let round_start_ns = now_ns();
+        // How far in event time the feed may advance this round.
+        let horizon_us = match config.clock {
+            ClockMode::Wall => round_start_ns / 1000 - wall_offset_us,
+            ClockMode::Event if config.speed > 0.0 => {
+                event_start_us + (wall_start.elapsed().as_secs_f64() * 1e6 * config.speed) as i64
+            }
+            ClockMode::Event => i64::MAX,
+        };
+        let mut n = 0;
+        while n < MAX_TRADES_PER_ROUND
+            && feed_state == FeedState::Live
+            && feed.peek_time_us() <= horizon_us
+        {
+            let Some(mut t) = feed.next_trade() else {
+                feed_state = FeedState::Ended;
+                tracing::info!(trades = feed.produced(), "synthetic feed ended");
+                break;
+            };
+            t.time_us += wall_offset_us;
+            n += 1;
+            if let Some(r) = recorder.as_mut() {
+                r.write(&t)?;
+            }
+            out.ts_event_ns = t.time_us * 1000;
+            out.ts_recv_ns = now_ns();
+            let mut err = None;
+            agg.on_trade(&t, &mut |k| {
+                if let Err(e) = out.kline(k) {
+                    err.get_or_insert(e);
+                }
+            });
+            if let Some(e) = err {
+                return Err(e);
+            }
+            out.trade(&t)?;
+            out.report.trades += 1;
+            event_clock_ms = event_clock_ms.max(t.time_ms());
+        }
+        if feed_state == FeedState::Live && feed.peek_time_us() == i64::MAX {
+            feed_state = FeedState::Ended;
+        }
+
+        // The clock: closes K-lines nobody traded into.
+        let clock_ms = match config.clock {
+            ClockMode::Wall => now_ns() / 1_000_000,
+            ClockMode::Event => event_clock_ms,
+        };
+        out.ts_event_ns = clock_ms.saturating_mul(1_000_000);
+        out.ts_recv_ns = now_ns();
+        let mut err = None;
+        agg.on_clock(clock_ms, &mut |k| {
+            if let Err(e) = out.kline(k) {
+                err.get_or_insert(e);
+            }
+        });
+        agg.drain_updates(&mut |k| {
+            if let Err(e) = out.kline(k) {
+                err.get_or_insert(e);
+            }
+        });
+        if let Some(e) = err {
+            return Err(e);
+        }
+        out.flush()?;
+
+        // Heartbeat when silent; also once a second when busy, so readers always learn the feed
+        // state and the publisher's identity.
+        if out.last_send.elapsed() >= hb_every || last_hb.elapsed() >= Duration::from_secs(1) {
+            last_hb = Instant::now();
+            hb.last_seq = out.next_seq - 1;
+            hb.feed_state = feed_state as u8;
+            out.heartbeat(&hb)?;
+            if let Some(r) = recorder.as_mut() {
+                r.flush()?;
+            }
+        }
+
+        if n == 0 {
+            // Idle: sleep until the next trade is due, the next tick or the next heartbeat.
+            let until_trade = match (feed_state, config.clock) {
+                (FeedState::Live, ClockMode::Wall) => Duration::from_micros(
+                    (feed.peek_time_us() + wall_offset_us - now_ns() / 1000).max(0) as u64,
+                ),
+                (FeedState::Live, ClockMode::Event) if config.speed > 0.0 => Duration::from_micros(
+                    ((feed.peek_time_us() - horizon_us) as f64 / config.speed).clamp(0.0, 1e9)
+                        as u64,
+                ),
+                _ => tick,
+            };
+            let until_hb = hb_every.saturating_sub(out.last_send.elapsed());
+            std::thread::sleep(
+                until_trade
+                    .min(tick)
+                    .min(until_hb)
+                    .max(Duration::from_micros(50)),
+            );
+        }
+    }
+
+    // Clean stop: a last heartbeat so readers see the final seq, then files.
+    hb.last_seq = out.next_seq - 1;
+    hb.feed_state = FeedState::Ended as u8;
+    out.heartbeat(&hb)?;
+    if let Some(r) = recorder.as_mut() {
+        r.flush()?;
+    }
+    let mut report = out.report;
+    report.last_seq = out.next_seq - 1;
+    report.aggregator = agg.stats();
+    Ok(report)
+}

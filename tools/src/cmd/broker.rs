@@ -1,0 +1,161 @@
+//! `mdbus broker`: ingest, aggregate, publish.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use mdbus_publisher::broker::{self, BrokerConfig, ClockMode};
+use mdbus_publisher::synthetic::{symbol_names, SyntheticConfig};
+
+use crate::config::Config;
+use crate::Cli;
+
+#[derive(Debug, Args)]
+pub struct BrokerArgs {
+    /// Trade source: `synthetic` (the deterministic generator).
+    #[arg(long, env = "MDBUS_SOURCE")]
+    pub source: Option<String>,
+    /// Seed of the synthetic feed: same seed, same trades.
+    #[arg(long, env = "MDBUS_SEED")]
+    pub seed: Option<u64>,
+    /// Symbols: a count (`3`: BTCUSDT, ETHUSDT, BNBUSDT) or a list (`BTCUSDT,ETHUSDT`).
+    #[arg(long, env = "MDBUS_SYMBOLS")]
+    pub symbols: Option<String>,
+    /// Average trades per second over all symbols (bursts go 8x higher, quiet periods 20x lower).
+    #[arg(long, env = "MDBUS_RATE")]
+    pub rate: Option<f64>,
+    /// Simulated start time (RFC 3339, e.g. 2024-02-29T23:00:00Z): event times start here and the
+    /// clock defaults to `event`.
+    #[arg(long)]
+    pub start: Option<String>,
+    /// Whose clock closes K-lines: `wall` (live) or `event` (the data's own time).
+    #[arg(long, env = "MDBUS_CLOCK")]
+    pub clock: Option<String>,
+    /// Event-clock speed (x real time); 0 = as fast as possible.
+    #[arg(long)]
+    pub speed: Option<f64>,
+    /// Stop the feed after this many trades (the broker keeps heartbeating, feed = ended).
+    #[arg(long)]
+    pub max_trades: Option<u64>,
+    /// Write every ingested trade to DIR/<SYMBOL>-trades.csv (Binance dataset format).
+    #[arg(long, value_name = "DIR")]
+    pub record: Option<PathBuf>,
+    /// Send only heartbeats until this many subscribers are connected.
+    #[arg(long, default_value_t = 0)]
+    pub wait_subscribers: usize,
+    /// Pin the broker thread to this core.
+    #[arg(long, env = "MDBUS_CORE")]
+    pub core: Option<usize>,
+    /// Heartbeat after this many ms of silence (1..=100).
+    #[arg(long)]
+    pub heartbeat_ms: Option<u64>,
+    /// Grace after a K-line's end before the clock closes it, ms.
+    #[arg(long)]
+    pub close_grace_ms: Option<i64>,
+}
+
+fn parse_symbols(s: &str) -> Result<Vec<String>> {
+    if let Ok(n) = s.parse::<usize>() {
+        if n == 0 {
+            bail!("--symbols 0: need at least one symbol");
+        }
+        return Ok(symbol_names(n));
+    }
+    let list: Vec<String> = s
+        .split(',')
+        .map(|x| x.trim().to_uppercase())
+        .filter(|x| !x.is_empty())
+        .collect();
+    if list.is_empty() {
+        bail!("--symbols {s:?}: expected a count or a comma-separated list");
+    }
+    Ok(list)
+}
+
+/// Merges file/env/flags into the broker's typed config.
+pub fn broker_config(cli: &Cli, a: &BrokerArgs) -> Result<BrokerConfig> {
+    let mut cfg = Config::load(cli.config.as_deref())?;
+    let b = &mut cfg.broker;
+    if let Some(v) = &a.source {
+        b.source = v.clone();
+    }
+    if let Some(v) = a.seed {
+        b.seed = v;
+    }
+    if let Some(v) = a.rate {
+        b.rate = v;
+    }
+    if let Some(v) = a.speed {
+        b.speed = v;
+    }
+    if let Some(v) = a.heartbeat_ms {
+        b.heartbeat_ms = v;
+    }
+    if let Some(v) = a.close_grace_ms {
+        b.close_grace_ms = v;
+    }
+    if a.core.is_some() {
+        b.core = a.core;
+    }
+    if let Some(s) = &a.symbols {
+        b.symbols = parse_symbols(s)?;
+    }
+    let start_us = match &a.start {
+        Some(s) => {
+            let t = chrono::DateTime::parse_from_rfc3339(s)
+                .with_context(|| format!("--start {s:?}: expected RFC 3339"))?;
+            if a.clock.is_none() {
+                b.clock = "event".into();
+            }
+            t.timestamp_micros()
+        }
+        None => broker::now_ns() / 1000,
+    };
+    if let Some(v) = &a.clock {
+        b.clock = v.clone();
+    }
+    cfg.validate()?;
+    let b = &cfg.broker;
+    Ok(BrokerConfig {
+        bus: cli.bus.clone(),
+        stream: cfg.stream_settings(),
+        feed: SyntheticConfig {
+            seed: b.seed,
+            symbols: b.symbols.clone(),
+            rate: b.rate,
+            start_us,
+            max_trades: a.max_trades,
+        },
+        clock: if b.clock == "event" {
+            ClockMode::Event
+        } else {
+            ClockMode::Wall
+        },
+        speed: b.speed,
+        heartbeat_ms: b.heartbeat_ms,
+        tick_ms: b.tick_ms,
+        close_grace_ms: b.close_grace_ms,
+        record: a.record.clone(),
+        wait_subscribers: a.wait_subscribers,
+        core: b.core,
+    })
+}
+
+pub fn run(cli: &Cli, a: &BrokerArgs) -> Result<ExitCode> {
+    let config = broker_config(cli, a)?;
+    let stop = crate::signals::stop_flag()?;
+    tracing::info!(bus = %config.bus, symbols = config.feed.symbols.len(), rate = config.feed.rate, clock = ?config.clock, "broker starting");
+    let report = broker::run(&config, &stop).context("broker stopped")?;
+    tracing::info!(
+        trades = report.trades,
+        frames = report.frames,
+        samples = report.samples,
+        heartbeats = report.heartbeats,
+        last_seq = report.last_seq,
+        late_trades = report.aggregator.late_trades,
+        klines_closed = report.aggregator.closed,
+        "broker stopped"
+    );
+    Ok(ExitCode::SUCCESS)
+}

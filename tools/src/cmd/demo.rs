@@ -1,0 +1,188 @@
+//! `mdbus demo`: the main job on embedded defaults, no network.
+//!
+//! Starts `mdbus broker` (synthetic feed) as a child process on bus `demo`, subscribes to its
+//! real-time stream and prints a one-line summary per second: frames/s, last seq, gaps, publisher
+//! health and the live 1m K-line of the first symbol. Ctrl-C (or SIGTERM) stops the child, waits
+//! for it, and checks that the bus left no shared memory behind.
+
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use mdbus_schema::{Fixed, FrameKind, Interval};
+use mdbus_subscribers::{Reader, ReaderOptions, WaitMode};
+
+use crate::config::Config;
+use crate::Cli;
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Stop by itself after this many seconds (default: run until Ctrl-C).
+    #[arg(long)]
+    pub duration: Option<f64>,
+    /// Symbols for the synthetic feed (count or list).
+    #[arg(long, default_value = "5")]
+    pub symbols: String,
+    /// Average trades per second.
+    #[arg(long, default_value_t = 200.0)]
+    pub rate: f64,
+}
+
+fn spawn_broker(cli: &Cli, a: &DemoArgs) -> Result<Child> {
+    let exe = std::env::current_exe().context("locating the mdbus executable")?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("broker")
+        .arg("--bus")
+        .arg(&cli.bus)
+        .arg("--source")
+        .arg("synthetic");
+    cmd.arg("--symbols")
+        .arg(&a.symbols)
+        .arg("--rate")
+        .arg(a.rate.to_string());
+    if let Some(c) = &cli.config {
+        cmd.arg("--config").arg(c);
+    }
+    cmd.stdin(Stdio::null());
+    cmd.spawn().context("starting the broker process")
+}
+
+fn stop_child(child: &mut Child, name: &str) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    let pid = rustix::process::Pid::from_raw(child.id() as i32);
+    if let Some(pid) = pid {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+    }
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(5) {
+        if let Ok(Some(status)) = child.try_wait() {
+            println!("demo: {name} (pid {}) stopped: {status}", child.id());
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("demo: {name} did not stop within 5 s; killing it");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Shared-memory files of `bus` still present, ignoring iceoryx2's persistent node counter
+/// (`*.global_mgmt`, a few bytes per bus name, reused by the next start).
+pub fn leftover_shm(bus: &str) -> Vec<String> {
+    let prefix = mdbus_bus::file_prefix(bus);
+    std::fs::read_dir("/dev/shm")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&prefix) && !n.ends_with(".global_mgmt"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+pub fn run(cli: &Cli, a: &DemoArgs) -> Result<ExitCode> {
+    let cfg = Config::load(cli.config.as_deref())?;
+    let stop = crate::signals::stop_flag()?;
+    let mut broker = spawn_broker(cli, a)?;
+    let service = mdbus_schema::service::stream_service(&cli.bus, "realtime");
+    println!("mdbus demo on bus {:?}", cli.bus);
+    println!(
+        "  broker      pid {}  synthetic feed, {} symbols, ~{} trades/s",
+        broker.id(),
+        a.symbols,
+        a.rate
+    );
+    println!(
+        "  stream      {service}  (trades, K-line updates and closes for 16 intervals, heartbeats)"
+    );
+    println!(
+        "  look at it  mdbus tail --bus {} --symbol BTCUSDT --interval 1m",
+        cli.bus
+    );
+    println!(
+        "              mdbus tail --bus {} --kind trade --count 10",
+        cli.bus
+    );
+    println!("  stop        Ctrl-C");
+
+    let result = summarize(cli, &cfg, a, &stop);
+    stop_child(&mut broker, "broker");
+    // Give iceoryx2 a moment to observe the dead ports, then check for leftovers.
+    let leftovers = leftover_shm(&cli.bus);
+    if leftovers.is_empty() {
+        println!(
+            "demo: stopped cleanly; no shared memory left for bus {:?}",
+            cli.bus
+        );
+    } else {
+        eprintln!("demo: shared memory left behind: {}", leftovers.join(", "));
+    }
+    result?;
+    Ok(if leftovers.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn summarize(
+    cli: &Cli,
+    cfg: &Config,
+    a: &DemoArgs,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<()> {
+    let opts = ReaderOptions::default()
+        .settings(cfg.stream_settings())
+        .node_name("demo");
+    let mut reader =
+        Reader::open(&cli.bus, "realtime", opts).context("subscribing to the demo stream")?;
+    let end = a
+        .duration
+        .map(|d| Instant::now() + Duration::from_secs_f64(d));
+    let mut tick = Instant::now();
+    let mut frames_at_tick = 0u64;
+    let mut last_seq = 0u64;
+    let mut last_1m = String::from("-");
+    let mut closes = 0u64;
+    while !stop.load(Ordering::Relaxed) && end.is_none_or(|e| Instant::now() < e) {
+        reader.next_batch(WaitMode::Block(Duration::from_millis(100)), |f| {
+            last_seq = f.seq();
+            if f.kind() != FrameKind::Kline {
+                return;
+            }
+            if let Ok(k) = f.kline() {
+                if k.closed {
+                    closes += 1;
+                }
+                if k.interval == Interval::M1 as u8 && k.symbol_id.to_native() == 0 {
+                    let c = Fixed::new(i128::from(k.close.to_native()), k.price_scale);
+                    last_1m = format!(
+                        "{} 1m close {} n={}",
+                        k.symbol
+                            .to_symbol()
+                            .map(|s| s.to_string())
+                            .unwrap_or_default(),
+                        c,
+                        k.trade_count.to_native()
+                    );
+                }
+            }
+        })?;
+        if tick.elapsed() >= Duration::from_secs(1) {
+            let s = reader.stats();
+            let rate = (s.frames - frames_at_tick) as f64 / tick.elapsed().as_secs_f64();
+            println!(
+                "seq {last_seq:>9}  {rate:>9.0} frames/s  closed K-lines {closes:>7}  gaps {}  health {:<8}  {last_1m}",
+                s.seq.gaps,
+                reader.health().as_str()
+            );
+            frames_at_tick = s.frames;
+            tick = Instant::now();
+        }
+    }
+    Ok(())
+}

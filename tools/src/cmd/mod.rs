@@ -1,0 +1,6 @@
+//! One module per subcommand.
+
+pub mod bench;
+pub mod broker;
+pub mod demo;
+pub mod tail;

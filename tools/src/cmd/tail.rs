@@ -1,0 +1,144 @@
+//! `mdbus tail`: print a stream's frames as JSON lines; report gaps, duplicates and reordering.
+
+use std::io::{BufWriter, Write};
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use mdbus_schema::json::write_frame_line;
+use mdbus_schema::service::stream_id;
+use mdbus_schema::{FrameKind, Interval};
+use mdbus_subscribers::{Reader, ReaderOptions, WaitMode};
+
+use crate::config::Config;
+use crate::Cli;
+
+#[derive(Debug, Args)]
+pub struct TailArgs {
+    /// Stream to read.
+    #[arg(long, default_value = "realtime")]
+    pub stream: String,
+    /// Only these symbols (repeat or comma-separate).
+    #[arg(long, value_delimiter = ',')]
+    pub symbol: Vec<String>,
+    /// Only K-lines of these intervals (repeat or comma-separate; trades still pass unless
+    /// --kind says otherwise).
+    #[arg(long, value_delimiter = ',')]
+    pub interval: Vec<String>,
+    /// Only these kinds: trade, kline, heartbeat (default: trade and kline).
+    #[arg(long, value_delimiter = ',')]
+    pub kind: Vec<String>,
+    /// Exit after printing this many frames.
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// Give up after this many seconds (exit status 1 if --count was not reached).
+    #[arg(long)]
+    pub timeout: Option<f64>,
+    /// Busy-poll instead of sleeping on the wake-up event (lowest latency, one core).
+    #[arg(long)]
+    pub spin: bool,
+    /// Samples queued for this reader before the oldest is lost.
+    #[arg(long)]
+    pub buffer: Option<usize>,
+}
+
+pub fn run(cli: &Cli, a: &TailArgs) -> Result<ExitCode> {
+    let cfg = Config::load(cli.config.as_deref())?;
+    if stream_id(&a.stream).is_none() {
+        bail!("--stream {:?}: unknown stream (known: realtime)", a.stream);
+    }
+    let mut opts = ReaderOptions::default()
+        .settings(cfg.stream_settings())
+        .node_name("tail");
+    if let Some(b) = a.buffer {
+        opts = opts.buffer(b);
+    }
+    for s in &a.symbol {
+        opts = opts.symbol(s).with_context(|| format!("--symbol {s:?}"))?;
+    }
+    for i in &a.interval {
+        let iv: Interval = i.parse().with_context(|| format!("--interval {i:?}"))?;
+        opts = opts.interval(iv);
+    }
+    for k in &a.kind {
+        let kind = match k.as_str() {
+            "trade" => FrameKind::Trade,
+            "kline" => FrameKind::Kline,
+            "heartbeat" => FrameKind::Heartbeat,
+            other => bail!("--kind {other:?}: expected trade, kline or heartbeat"),
+        };
+        opts = opts.kind(kind);
+    }
+    if !a.interval.is_empty() && a.kind.is_empty() {
+        opts = opts.kind(FrameKind::Kline);
+    }
+    let stop = crate::signals::stop_flag()?;
+    let mut reader = Reader::open(&cli.bus, &a.stream, opts).context("opening stream")?;
+    tracing::info!(service = reader.service(), "tail subscribed");
+
+    let deadline = a
+        .timeout
+        .map(|s| Instant::now() + Duration::from_secs_f64(s.max(0.0)));
+    let stdout = std::io::stdout();
+    let mut out = BufWriter::with_capacity(1 << 16, stdout.lock());
+    let mut line = String::with_capacity(512);
+    let mut printed: u64 = 0;
+    let mut bad_lines: u64 = 0;
+    let mut broken_pipe = false;
+    let wait = Duration::from_millis(100);
+    let mode = if a.spin {
+        WaitMode::Spin(wait)
+    } else {
+        WaitMode::Block(wait)
+    };
+    let done = |printed: u64| a.count.is_some_and(|c| printed >= c);
+
+    while !stop.load(Ordering::Relaxed) && !done(printed) && !broken_pipe {
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            break;
+        }
+        reader.next_batch(mode, |frame| {
+            if done(printed) || broken_pipe {
+                return;
+            }
+            line.clear();
+            if write_frame_line(&mut line, frame).is_err() {
+                bad_lines += 1;
+                return;
+            }
+            line.push('\n');
+            if out.write_all(line.as_bytes()).is_err() {
+                broken_pipe = true;
+                return;
+            }
+            printed += 1;
+        })?;
+        if out.flush().is_err() {
+            broken_pipe = true;
+        }
+    }
+    let _ = out.flush();
+    let s = reader.stats();
+    eprintln!(
+        "tail: {printed} frames printed; {} received in {} samples; gaps {} (missing {}), duplicates {}, reordered {}, decode errors {}, heartbeats {}, publisher restarts {}, health {}",
+        s.frames,
+        s.samples,
+        s.seq.gaps,
+        s.seq.missing,
+        s.seq.duplicates,
+        s.seq.reordered,
+        s.decode_errors + bad_lines,
+        s.heartbeats,
+        s.publisher_restarts,
+        reader.health().as_str(),
+    );
+    if let Some(c) = a.count {
+        if printed < c && !broken_pipe && !stop.load(Ordering::Relaxed) {
+            eprintln!("mdbus: error: timed out with {printed} of {c} frames");
+            return Ok(ExitCode::FAILURE);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,198 @@
+//! The TOML configuration: embedded defaults (`config/default.toml`) < `--config FILE` <
+//! `MDBUS_*` environment < flags. Parsed once at start-up into typed values; errors name the
+//! file and key.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use mdbus_bus::StreamSettings;
+use serde::Deserialize;
+
+/// The embedded defaults, also shipped as `config/default.toml`.
+pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub bus: BusSection,
+    #[serde(default)]
+    pub broker: BrokerSection,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BusSection {
+    pub max_sample_bytes: usize,
+    pub subscriber_buffer: usize,
+    pub max_subscribers: usize,
+}
+
+impl Default for BusSection {
+    fn default() -> Self {
+        let s = StreamSettings::default();
+        BusSection {
+            max_sample_bytes: s.max_sample_bytes,
+            subscriber_buffer: s.subscriber_buffer,
+            max_subscribers: s.max_subscribers,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerSection {
+    pub source: String,
+    pub clock: String,
+    pub seed: u64,
+    pub symbols: Vec<String>,
+    pub rate: f64,
+    pub speed: f64,
+    pub heartbeat_ms: u64,
+    pub tick_ms: u64,
+    pub close_grace_ms: i64,
+    pub core: Option<usize>,
+}
+
+impl Default for BrokerSection {
+    fn default() -> Self {
+        BrokerSection {
+            source: "synthetic".into(),
+            clock: "wall".into(),
+            seed: 1,
+            symbols: ["BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT", "XRPUSDT"]
+                .map(String::from)
+                .to_vec(),
+            rate: 200.0,
+            speed: 0.0,
+            heartbeat_ms: 50,
+            tick_ms: 10,
+            close_grace_ms: 200,
+            core: None,
+        }
+    }
+}
+
+impl Config {
+    /// The embedded defaults overlaid with `file` if given.
+    pub fn load(file: Option<&Path>) -> Result<Config> {
+        let mut base: toml::Table =
+            toml::from_str(DEFAULT_TOML).context("parsing the embedded default config")?;
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading config file {}", path.display()))?;
+            let over: toml::Table = toml::from_str(&text)
+                .with_context(|| format!("parsing config file {}", path.display()))?;
+            merge(&mut base, over);
+        }
+        let name = file.map_or_else(
+            || "embedded defaults".to_owned(),
+            |p| p.display().to_string(),
+        );
+        let cfg: Config = toml::Value::Table(base)
+            .try_into()
+            .with_context(|| format!("invalid config in {name}"))?;
+        cfg.validate()
+            .with_context(|| format!("invalid config in {name}"))?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.bus.max_sample_bytes < 1024 {
+            bail!(
+                "bus.max_sample_bytes = {} is below 1024",
+                self.bus.max_sample_bytes
+            );
+        }
+        if self.bus.subscriber_buffer == 0 || self.bus.max_subscribers == 0 {
+            bail!("bus.subscriber_buffer and bus.max_subscribers must be at least 1");
+        }
+        if self.broker.heartbeat_ms == 0 || self.broker.heartbeat_ms > 100 {
+            bail!(
+                "broker.heartbeat_ms = {} must be within 1..=100",
+                self.broker.heartbeat_ms
+            );
+        }
+        if !matches!(self.broker.clock.as_str(), "wall" | "event") {
+            bail!(
+                "broker.clock = {:?}: expected \"wall\" or \"event\"",
+                self.broker.clock
+            );
+        }
+        if self.broker.source != "synthetic" {
+            bail!(
+                "broker.source = {:?}: only \"synthetic\" is available",
+                self.broker.source
+            );
+        }
+        if !(self.broker.rate > 0.0 && self.broker.rate.is_finite()) {
+            bail!(
+                "broker.rate = {} must be a positive number",
+                self.broker.rate
+            );
+        }
+        if !(self.broker.speed >= 0.0 && self.broker.speed.is_finite()) {
+            bail!("broker.speed = {} must be 0 or positive", self.broker.speed);
+        }
+        if self.broker.close_grace_ms < 0 {
+            bail!(
+                "broker.close_grace_ms = {} must not be negative",
+                self.broker.close_grace_ms
+            );
+        }
+        Ok(())
+    }
+
+    pub fn stream_settings(&self) -> StreamSettings {
+        StreamSettings {
+            max_sample_bytes: self.bus.max_sample_bytes,
+            subscriber_buffer: self.bus.subscriber_buffer,
+            max_subscribers: self.bus.max_subscribers,
+            ..StreamSettings::default()
+        }
+    }
+}
+
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_defaults_match_the_code_defaults() {
+        let c = Config::load(None).unwrap();
+        assert_eq!(c.bus, BusSection::default());
+        assert_eq!(c.broker, BrokerSection::default());
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() {
+        let dir = std::env::temp_dir().join(format!("mdbus-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("bad.toml");
+        std::fs::write(&p, "[broker]\nheartbeet_ms = 5\n").unwrap();
+        let e = format!("{:#}", Config::load(Some(&p)).unwrap_err());
+        assert!(e.contains("heartbeet_ms"), "{e}");
+        std::fs::write(&p, "[broker]\nheartbeat_ms = 500\n").unwrap();
+        let e = format!("{:#}", Config::load(Some(&p)).unwrap_err());
+        assert!(e.contains("broker.heartbeat_ms = 500"), "{e}");
+        std::fs::write(&p, "[bus]\nsubscriber_buffer = 64\n").unwrap();
+        let c = Config::load(Some(&p)).unwrap();
+        assert_eq!(c.bus.subscriber_buffer, 64);
+        assert_eq!(
+            c.bus.max_sample_bytes, 16384,
+            "other keys keep their defaults"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
