@@ -13,7 +13,7 @@
 use std::time::Duration;
 
 use iceoryx2::config::Config;
-use iceoryx2::port::listener::Listener;
+use iceoryx2::port::listener::{Listener, ListenerWaitError};
 use iceoryx2::port::notifier::Notifier;
 use iceoryx2::port::publisher::Publisher;
 use iceoryx2::port::subscriber::Subscriber;
@@ -350,13 +350,14 @@ impl StreamSubscriber {
     /// Blocks until the publisher signals new data or `timeout` passes. Spurious returns are
     /// possible; always follow with [`receive`](Self::receive) until it yields `None`.
     pub fn wait(&self, timeout: Duration) -> Result<(), BusError> {
-        self.listener
-            .timed_wait(|_| {}, timeout)
-            .map(|_| ())
-            .map_err(|e| BusError::Receive {
+        match self.listener.timed_wait(|_| {}, timeout) {
+            // A signal (e.g. the Ctrl-C that stops us) interrupts the wait: not an error.
+            Ok(_) | Err(ListenerWaitError::InterruptSignal) => Ok(()),
+            Err(e) => Err(BusError::Receive {
                 service: self.service.clone(),
                 detail: detail(e),
-            })
+            }),
+        }
     }
 
     /// Discards pending wake-ups without blocking.
