@@ -1,1 +1,334 @@
-//! placeholder
+//! Benchmarks of the bus, each with its baselines measured in the same run.
+//!
+//! Upstream: `mdbus bench` (the CLI) calls [`run_scenario`] with the path of the `mdbus`
+//! executable; each measurement starts two processes (`mdbus bench-peer`), pinned to different
+//! cores when the machine has two, so the figures are inter-process as a user would see them.
+//! Downstream: a [`ScenarioReport`] printed as a table or JSON; figures go to `BENCHMARKS.md`.
+//!
+//! - `latency`: one-way publish → receive of one K-line frame at a fixed rate, p50/p99/p99.9/max,
+//!   for mdbus vs raw iceoryx2 (same payload size) vs a Unix-domain socket.
+//! - `throughput`: K-line frames/s from one publisher to one subscriber under full load, every seq
+//!   checked, lossless; mdbus batches frames per sample, raw iceoryx2 sends one per sample.
+
+pub mod peer;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use serde::Serialize;
+
+pub use peer::{Mode, PeerReport, PeerSpec, Transport};
+
+/// Options shared by the scenarios.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// The `mdbus` executable (peers are started from it).
+    pub exe: PathBuf,
+    /// A short run (CI: keeps the harness from rotting; figures are noisier).
+    pub quick: bool,
+    /// Pin publisher and subscriber to cores 0 and 1 when there are two or more.
+    pub pin: bool,
+    /// Latency: messages per second.
+    pub rate: f64,
+    /// Messages per measurement (default depends on scenario and `quick`).
+    pub count: Option<u64>,
+}
+
+/// One measured line of a scenario.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub name: String,
+    pub transport: String,
+    pub messages: u64,
+    pub lost: u64,
+    pub out_of_order: u64,
+    pub per_second: f64,
+    pub p50_ns: u64,
+    pub p99_ns: u64,
+    pub p999_ns: u64,
+    pub max_ns: u64,
+    /// This row's key figure relative to the scenario's first baseline (p99 for latency: lower
+    /// is better; rate for throughput: higher is better).
+    pub ratio_vs_baseline: f64,
+}
+
+/// A scenario's result.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScenarioReport {
+    pub scenario: String,
+    pub payload_bytes: usize,
+    pub cores: usize,
+    pub pinned: bool,
+    pub cpu: String,
+    pub rows: Vec<Row>,
+}
+
+/// A benchmark could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchRunError {
+    #[error("unknown scenario {0:?} (known: latency, throughput)")]
+    UnknownScenario(String),
+    #[error("starting {what}: {source}")]
+    Spawn {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("{what}: {detail}")]
+    Peer { what: String, detail: String },
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn cores() -> usize {
+    core_affinity::get_core_ids().map_or(1, |c| c.len())
+}
+
+fn spawn_peer(
+    exe: &Path,
+    role: &str,
+    spec: &PeerSpec,
+) -> Result<std::process::Child, BenchRunError> {
+    let json = serde_json::to_string(spec).map_err(|e| BenchRunError::Peer {
+        what: role.into(),
+        detail: e.to_string(),
+    })?;
+    Command::new(exe)
+        .args(["bench-peer", "--role", role, "--spec", &json])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|source| BenchRunError::Spawn {
+            what: format!("bench {role} ({})", spec.transport.as_str()),
+            source,
+        })
+}
+
+/// Runs one publisher/subscriber pair and returns the subscriber's report.
+fn run_pair(exe: &Path, spec: &PeerSpec, pin: bool) -> Result<PeerReport, BenchRunError> {
+    let what = format!("{} {:?}", spec.transport.as_str(), spec.mode);
+    let sub_spec = PeerSpec {
+        core: pin.then_some(1),
+        ..spec.clone()
+    };
+    let pub_spec = PeerSpec {
+        core: pin.then_some(0),
+        ..spec.clone()
+    };
+    let mut sub = spawn_peer(exe, "sub", &sub_spec)?;
+    let out = sub.stdout.take().ok_or_else(|| BenchRunError::Peer {
+        what: what.clone(),
+        detail: "no stdout".into(),
+    })?;
+    let mut lines = BufReader::new(out).lines();
+    match lines.next() {
+        Some(Ok(l)) if l == "ready" => {}
+        other => {
+            let _ = sub.kill();
+            return Err(BenchRunError::Peer {
+                what,
+                detail: format!("subscriber did not get ready: {other:?}"),
+            });
+        }
+    }
+    let mut publ = spawn_peer(exe, "pub", &pub_spec)?;
+    let pub_status = publ.wait().map_err(|source| BenchRunError::Spawn {
+        what: what.clone(),
+        source,
+    })?;
+    let report = lines.next();
+    let sub_status = sub.wait().map_err(|source| BenchRunError::Spawn {
+        what: what.clone(),
+        source,
+    })?;
+    if !pub_status.success() || !sub_status.success() {
+        return Err(BenchRunError::Peer {
+            what,
+            detail: format!("publisher {pub_status}, subscriber {sub_status}"),
+        });
+    }
+    let line = match report {
+        Some(Ok(l)) => l,
+        other => {
+            return Err(BenchRunError::Peer {
+                what,
+                detail: format!("no report: {other:?}"),
+            })
+        }
+    };
+    serde_json::from_str(&line).map_err(|e| BenchRunError::Peer {
+        what,
+        detail: format!("bad report {line:?}: {e}"),
+    })
+}
+
+fn row(name: &str, t: Transport, r: &PeerReport) -> Row {
+    Row {
+        name: name.into(),
+        transport: t.as_str().into(),
+        messages: r.received,
+        lost: r.lost,
+        out_of_order: r.out_of_order,
+        per_second: if r.elapsed_s > 0.0 {
+            r.received as f64 / r.elapsed_s
+        } else {
+            0.0
+        },
+        p50_ns: r.p50_ns,
+        p99_ns: r.p99_ns,
+        p999_ns: r.p999_ns,
+        max_ns: r.max_ns,
+        ratio_vs_baseline: 1.0,
+    }
+}
+
+/// Runs `scenario` (`latency` or `throughput`).
+pub fn run_scenario(scenario: &str, o: &BenchOptions) -> Result<ScenarioReport, BenchRunError> {
+    let n = cores();
+    let pin = o.pin && n >= 2;
+    let bus = format!("bench{}", std::process::id());
+    let socket = std::env::temp_dir().join(format!("mdbus-bench-{}.sock", std::process::id()));
+    let base = |transport, mode, count| PeerSpec {
+        transport,
+        mode,
+        count,
+        bus: bus.clone(),
+        socket: socket.clone(),
+        core: None,
+    };
+    let mut rows = Vec::new();
+    match scenario {
+        "latency" => {
+            let count = o.count.unwrap_or(if o.quick { 20_000 } else { 100_000 });
+            let mode = Mode::Latency {
+                rate: o.rate,
+                warmup: count / 10,
+            };
+            let transports = [
+                ("raw iceoryx2, same payload (baseline)", Transport::Iox2),
+                ("unix socket, blocking read", Transport::Uds),
+                ("mdbus frame via client library", Transport::Mdbus),
+            ];
+            // Several rounds in rotating order, histograms merged, so that a noisy moment hurts
+            // every transport alike instead of whichever ran then.
+            let rounds = if o.quick { 1 } else { 3 };
+            let mut merged: Vec<Option<(hdrhistogram::Histogram<u64>, PeerReport)>> =
+                vec![None, None, None];
+            for round in 0..rounds {
+                for k in 0..transports.len() {
+                    let i = (k + round) % transports.len();
+                    let r = run_pair(&o.exe, &base(transports[i].1, mode, count), pin)?;
+                    let h = peer::decode_hist(&r.hist_hex).ok_or_else(|| BenchRunError::Peer {
+                        what: transports[i].0.into(),
+                        detail: "unreadable histogram".into(),
+                    })?;
+                    match &mut merged[i] {
+                        Some((acc, rep)) => {
+                            let _ = acc.add(&h);
+                            rep.received += r.received;
+                            rep.lost += r.lost;
+                            rep.out_of_order += r.out_of_order;
+                            rep.elapsed_s += r.elapsed_s;
+                        }
+                        slot => *slot = Some((h, r)),
+                    }
+                }
+            }
+            for (i, m) in merged.into_iter().enumerate() {
+                let Some((h, mut r)) = m else { continue };
+                r.p50_ns = h.value_at_quantile(0.50);
+                r.p99_ns = h.value_at_quantile(0.99);
+                r.p999_ns = h.value_at_quantile(0.999);
+                r.max_ns = h.max();
+                rows.push(row(transports[i].0, transports[i].1, &r));
+            }
+            let base_p99 = rows[0].p99_ns.max(1) as f64;
+            for r in &mut rows {
+                r.ratio_vs_baseline = r.p99_ns as f64 / base_p99;
+            }
+        }
+        "throughput" => {
+            let count = o
+                .count
+                .unwrap_or(if o.quick { 1_000_000 } else { 10_000_000 });
+            for (name, t, c) in [
+                (
+                    "raw iceoryx2, one frame per sample (baseline)",
+                    Transport::Iox2,
+                    count / 4,
+                ),
+                ("mdbus, frames batched per sample", Transport::Mdbus, count),
+            ] {
+                let r = run_pair(&o.exe, &base(t, Mode::Throughput, c), pin)?;
+                let mut rw = row(name, t, &r);
+                rw.p50_ns = 0;
+                rw.p99_ns = 0;
+                rw.p999_ns = 0;
+                rw.max_ns = 0;
+                rows.push(rw);
+            }
+            let base_rate = rows[0].per_second.max(1.0);
+            for r in &mut rows {
+                r.ratio_vs_baseline = r.per_second / base_rate;
+            }
+        }
+        other => return Err(BenchRunError::UnknownScenario(other.into())),
+    }
+    Ok(ScenarioReport {
+        scenario: scenario.into(),
+        payload_bytes: peer::payload_len(),
+        cores: n,
+        pinned: pin,
+        cpu: cpu_model(),
+        rows,
+    })
+}
+
+/// A readable table of a report.
+pub fn render_table(r: &ScenarioReport) -> String {
+    let mut s = format!(
+        "{} — payload {} B, {} cores ({}), pinned: {}\n",
+        r.scenario, r.payload_bytes, r.cores, r.cpu, r.pinned
+    );
+    if r.scenario == "latency" {
+        s.push_str(&format!(
+            "{:<40} {:>9} {:>6} {:>9} {:>9} {:>9} {:>10} {:>12}\n",
+            "transport", "messages", "lost", "p50 µs", "p99 µs", "p99.9 µs", "max µs", "p99 ratio"
+        ));
+        for x in &r.rows {
+            s.push_str(&format!(
+                "{:<40} {:>9} {:>6} {:>9.2} {:>9.2} {:>9.2} {:>10.1} {:>11.2}x\n",
+                x.name,
+                x.messages,
+                x.lost,
+                x.p50_ns as f64 / 1e3,
+                x.p99_ns as f64 / 1e3,
+                x.p999_ns as f64 / 1e3,
+                x.max_ns as f64 / 1e3,
+                x.ratio_vs_baseline
+            ));
+        }
+    } else {
+        s.push_str(&format!(
+            "{:<48} {:>10} {:>6} {:>14} {:>8}\n",
+            "transport", "frames", "lost", "frames/s", "ratio"
+        ));
+        for x in &r.rows {
+            s.push_str(&format!(
+                "{:<48} {:>10} {:>6} {:>14.0} {:>7.2}x\n",
+                x.name, x.messages, x.lost, x.per_second, x.ratio_vs_baseline
+            ));
+        }
+    }
+    s
+}

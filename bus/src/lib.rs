@@ -38,6 +38,10 @@ pub struct StreamSettings {
     pub max_subscribers: usize,
     /// Publisher ports allowed at once (a restarting broker needs 2).
     pub max_publishers: usize,
+    /// `false` (real-time streams): a full subscriber queue loses its oldest sample and the
+    /// publisher never waits. `true`: the publisher waits until every subscriber has room
+    /// (for lossless consumers and benchmarks; a stalled reader stalls the publisher).
+    pub lossless: bool,
 }
 
 impl Default for StreamSettings {
@@ -47,6 +51,7 @@ impl Default for StreamSettings {
             subscriber_buffer: 256,
             max_subscribers: 16,
             max_publishers: 2,
+            lossless: false,
         }
     }
 }
@@ -75,7 +80,9 @@ pub enum BusError {
 }
 
 /// The iceoryx2 configuration of bus `bus`: a per-bus file prefix, no config file needed.
+/// Also lowers iceoryx2's own logging to warnings (override with `IOX2_LOG_LEVEL`).
 pub fn iceoryx_config(bus: &str) -> Result<Config, BusError> {
+    set_log_level_from_env_or(LogLevel::Warn);
     validate_bus_name(bus).map_err(BusError::BadBusName)?;
     let mut config = Config::default();
     let prefix = file_prefix(bus);
@@ -112,7 +119,6 @@ impl BusNode {
     /// Opens a node named `name` on bus `bus`. Signals are left to the process (we handle
     /// SIGINT/SIGTERM ourselves so that every port is dropped and its files removed).
     pub fn open(bus: &str, name: &str) -> Result<BusNode, BusError> {
-        set_log_level_from_env_or(LogLevel::Warn);
         let config = iceoryx_config(bus)?;
         let node_name = NodeName::new(name).map_err(|e| BusError::Node {
             bus: bus.into(),
@@ -169,7 +175,7 @@ impl BusNode {
             .max_subscribers(s.max_subscribers)
             .max_publishers(s.max_publishers)
             .max_nodes(s.max_subscribers + s.max_publishers + 4)
-            .enable_safe_overflow(true)
+            .enable_safe_overflow(!s.lossless)
             .open_or_create()
             .map_err(|e| err(detail(e)))?;
         Ok((name, f))
@@ -222,6 +228,11 @@ impl BusNode {
             .initial_max_slice_len(settings.max_sample_bytes)
             .allocation_strategy(AllocationStrategy::Static)
             .max_loaned_samples(2)
+            .backpressure_strategy(if settings.lossless {
+                BackpressureStrategy::RetryUntilDelivered
+            } else {
+                BackpressureStrategy::DiscardData
+            })
             .create()
             .map_err(|e| port_err("publisher", detail(e)))?;
         let notifier = ev

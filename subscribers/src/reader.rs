@@ -234,14 +234,17 @@ impl Reader {
             std::hint::spin_loop();
         }
         if !got && !block.is_zero() {
-            self.sub.wait(block)?;
+            // Clear stale wake-ups, re-check, then sleep: a sample sent after the check comes
+            // with a fresh wake-up, so none is missed.
+            self.sub.drain_wakeups();
+            if !self.sub.has_samples() {
+                self.sub.wait(block)?;
+            }
         }
         self.drain(&mut f)
     }
 
     fn drain(&mut self, f: &mut impl FnMut(&FrameRef<'_>)) -> Result<usize, BusError> {
-        // Clear pending wake-ups first: one arriving after this is for data we have not seen.
-        self.sub.drain_wakeups();
         let mut delivered = 0;
         while let Some(sample) = self.sub.receive()? {
             self.stats.samples += 1;

@@ -1,20 +1,83 @@
-//! `mdbus bench`: placeholder wired below.
+//! `mdbus bench <scenario>`: benchmarks with same-run baselines (see `mdbus-benches`).
+
+use std::io::Write;
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
 use clap::Args;
+use mdbus_benches::peer::{run_publisher, run_subscriber, PeerSpec};
+use mdbus_benches::{render_table, run_scenario, BenchOptions};
 
 use crate::Cli;
 
 #[derive(Debug, Args)]
-pub struct BenchArgs {}
+pub struct BenchArgs {
+    /// `latency` or `throughput` (or `all`).
+    pub scenario: String,
+    /// A short run (under a minute for all scenarios).
+    #[arg(long)]
+    pub quick: bool,
+    /// Print one JSON object per scenario instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Do not pin the two processes to cores 0 and 1.
+    #[arg(long)]
+    pub no_pin: bool,
+    /// Latency scenario: messages per second.
+    #[arg(long, default_value_t = 10_000.0)]
+    pub rate: f64,
+    /// Messages per measurement.
+    #[arg(long)]
+    pub count: Option<u64>,
+}
 
 #[derive(Debug, Args)]
-pub struct PeerArgs {}
-
-pub fn run(_cli: &Cli, _a: &BenchArgs) -> Result<ExitCode> {
-    anyhow::bail!("not yet")
+pub struct PeerArgs {
+    /// `pub` or `sub`.
+    #[arg(long)]
+    pub role: String,
+    /// The peer's spec as JSON (written by `mdbus bench`).
+    #[arg(long)]
+    pub spec: String,
 }
-pub fn peer(_cli: &Cli, _a: &PeerArgs) -> Result<ExitCode> {
-    anyhow::bail!("not yet")
+
+pub fn run(_cli: &Cli, a: &BenchArgs) -> Result<ExitCode> {
+    let exe = std::env::current_exe().context("locating the mdbus executable")?;
+    let opts = BenchOptions {
+        exe,
+        quick: a.quick,
+        pin: !a.no_pin,
+        rate: a.rate,
+        count: a.count,
+    };
+    let scenarios: Vec<&str> = match a.scenario.as_str() {
+        "all" => vec!["latency", "throughput"],
+        s => vec![s],
+    };
+    for s in scenarios {
+        let report = run_scenario(s, &opts).with_context(|| format!("benchmark {s}"))?;
+        if a.json {
+            println!("{}", serde_json::to_string(&report)?);
+        } else {
+            println!("{}", render_table(&report));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn peer(_cli: &Cli, a: &PeerArgs) -> Result<ExitCode> {
+    let spec: PeerSpec = serde_json::from_str(&a.spec).context("parsing --spec")?;
+    match a.role.as_str() {
+        "pub" => run_publisher(&spec).context("bench publisher")?,
+        "sub" => {
+            let report = run_subscriber(&spec, || {
+                println!("ready");
+                let _ = std::io::stdout().flush();
+            })
+            .context("bench subscriber")?;
+            println!("{}", serde_json::to_string(&report)?);
+        }
+        other => bail!("--role {other:?}: expected pub or sub"),
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -1,0 +1,516 @@
+//! The two processes of a benchmark: a publisher and a subscriber, over one transport.
+//!
+//! Upstream: the orchestrator ([`crate::run_scenario`]) starts each as `mdbus bench-peer`.
+//! Downstream: the subscriber prints one JSON [`PeerReport`] line on stdout.
+//!
+//! Transports, all carrying the same payload size (one K-line frame, 224 bytes):
+//! - `mdbus`: the real path — `FrameWriter` + `StreamPublisher` on one side, the client library's
+//!   `Reader` (seq tracking, filtering, validated zero-copy `kline()` access) on the other.
+//! - `iox2`: raw iceoryx2 `[u8]` samples, one per message, no framing or validation (baseline).
+//! - `uds`: a Unix-domain stream socket, one `write`/`read_exact` per message (baseline).
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use iceoryx2::prelude::*;
+use mdbus_bus::{BusNode, StreamSettings};
+use mdbus_schema::frame::{encoded_frame_len, header};
+use mdbus_schema::{FeedState, FrameKind, FrameWriter, Heartbeat, Interval, Kline, Symbol};
+use mdbus_subscribers::{Reader, ReaderOptions, WaitMode};
+use serde::{Deserialize, Serialize};
+
+/// Which transport a peer uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    Mdbus,
+    Iox2,
+    Uds,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Mdbus => "mdbus",
+            Transport::Iox2 => "iox2",
+            Transport::Uds => "uds",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Transport> {
+        Some(match s {
+            "mdbus" => Transport::Mdbus,
+            "iox2" => Transport::Iox2,
+            "uds" => Transport::Uds,
+            _ => return None,
+        })
+    }
+}
+
+/// What a peer measures.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum Mode {
+    /// One message at a time at `rate` msg/s; `warmup` messages are not recorded.
+    Latency { rate: f64, warmup: u64 },
+    /// As fast as possible, lossless; every seq checked.
+    Throughput,
+}
+
+/// Everything a peer process needs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeerSpec {
+    pub transport: Transport,
+    pub mode: Mode,
+    pub count: u64,
+    pub bus: String,
+    pub socket: PathBuf,
+    pub core: Option<usize>,
+}
+
+/// What the subscriber measured.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PeerReport {
+    pub received: u64,
+    pub lost: u64,
+    pub out_of_order: u64,
+    pub elapsed_s: f64,
+    pub p50_ns: u64,
+    pub p99_ns: u64,
+    pub p999_ns: u64,
+    pub max_ns: u64,
+    pub mean_ns: f64,
+    /// The whole latency histogram, hdrhistogram V2 format, hex: rounds are merged exactly.
+    pub hist_hex: String,
+}
+
+/// The size of one message on every transport: one encoded K-line frame.
+pub fn payload_len() -> usize {
+    encoded_frame_len(FrameKind::Kline)
+}
+
+/// Failure of a peer.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("bus: {0}")]
+    Bus(#[from] mdbus_bus::BusError),
+    #[error("iceoryx2: {0}")]
+    Iox2(String),
+    #[error("socket {path}: {source}")]
+    Socket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Other(String),
+}
+
+fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+fn pin(core: Option<usize>) {
+    if let Some(c) = core {
+        if let Some(id) = core_affinity::get_core_ids()
+            .unwrap_or_default()
+            .into_iter()
+            .find(|i| i.id == c)
+        {
+            core_affinity::set_for_current(id);
+        }
+    }
+}
+
+fn sample_kline(i: u64) -> Kline {
+    // Invariant: a literal valid symbol.
+    let sym = Symbol::new("BTCUSDT").unwrap_or_else(|_| unreachable!());
+    let mut k = Kline::empty(
+        Interval::M1,
+        1_700_000_000_000,
+        sym,
+        0,
+        2,
+        5,
+        8_723_201 + i as i64 % 100,
+    );
+    k.trade_count = i;
+    k
+}
+
+/// The settings of the benchmark's own streams: lossless in throughput mode.
+pub fn bench_settings(mode: Mode) -> StreamSettings {
+    StreamSettings {
+        lossless: matches!(mode, Mode::Throughput),
+        ..StreamSettings::default()
+    }
+}
+
+const BENCH_STREAM: &str = "bench";
+const END: u64 = u64::MAX;
+
+/// Paces sends at `rate`/s by spinning (sleeping would add its own jitter).
+struct Pacer {
+    start: Instant,
+    period_ns: f64,
+    n: u64,
+}
+impl Pacer {
+    fn new(mode: Mode) -> Pacer {
+        let period_ns = match mode {
+            Mode::Latency { rate, .. } => 1e9 / rate.max(1.0),
+            Mode::Throughput => 0.0,
+        };
+        Pacer {
+            start: Instant::now(),
+            period_ns,
+            n: 0,
+        }
+    }
+    fn wait(&mut self) {
+        if self.period_ns > 0.0 {
+            let due = Duration::from_nanos((self.n as f64 * self.period_ns) as u64);
+            while self.start.elapsed() < due {
+                std::hint::spin_loop();
+            }
+        }
+        self.n += 1;
+    }
+}
+
+struct Recorder {
+    hist: Histogram<u64>,
+    warmup: u64,
+    received: u64,
+    next: u64,
+    lost: u64,
+    out_of_order: u64,
+    first: Option<Instant>,
+    last: Instant,
+}
+
+impl Recorder {
+    fn new(mode: Mode) -> Recorder {
+        let warmup = match mode {
+            Mode::Latency { warmup, .. } => warmup,
+            Mode::Throughput => 0,
+        };
+        Recorder {
+            // Invariant: valid constant bounds (1 ns .. 60 s, 3 significant digits).
+            hist: Histogram::new_with_bounds(1, 60_000_000_000, 3)
+                .unwrap_or_else(|_| unreachable!()),
+            warmup,
+            received: 0,
+            next: 0,
+            lost: 0,
+            out_of_order: 0,
+            first: None,
+            last: Instant::now(),
+        }
+    }
+    fn on(&mut self, seq: u64, sent_ns: Option<u64>) {
+        let now = Instant::now();
+        self.first.get_or_insert(now);
+        self.last = now;
+        if seq > self.next {
+            self.lost += seq - self.next;
+        } else if seq < self.next {
+            self.out_of_order += 1;
+        }
+        self.next = seq + 1;
+        self.received += 1;
+        if let Some(sent) = sent_ns {
+            if seq >= self.warmup {
+                let _ = self.hist.record(now_ns().saturating_sub(sent).max(1));
+            }
+        }
+    }
+    fn report(&self) -> PeerReport {
+        let h = &self.hist;
+        PeerReport {
+            received: self.received,
+            lost: self.lost,
+            out_of_order: self.out_of_order,
+            elapsed_s: self
+                .first
+                .map_or(0.0, |f| self.last.duration_since(f).as_secs_f64()),
+            p50_ns: h.value_at_quantile(0.50),
+            p99_ns: h.value_at_quantile(0.99),
+            p999_ns: h.value_at_quantile(0.999),
+            max_ns: h.max(),
+            mean_ns: h.mean(),
+            hist_hex: encode_hist(h),
+        }
+    }
+}
+
+fn encode_hist(h: &Histogram<u64>) -> String {
+    let mut buf = Vec::new();
+    if hdrhistogram::serialization::Serializer::serialize(
+        &mut hdrhistogram::serialization::V2Serializer::new(),
+        h,
+        &mut buf,
+    )
+    .is_err()
+    {
+        return String::new();
+    }
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Decodes a histogram written by a peer (`None` if malformed).
+pub fn decode_hist(hex: &str) -> Option<Histogram<u64>> {
+    let bytes: Option<Vec<u8>> = (0..hex.len() / 2)
+        .map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok())
+        .collect();
+    hdrhistogram::serialization::Deserializer::new()
+        .deserialize(&mut &bytes?[..])
+        .ok()
+}
+
+/// Runs the publishing side. Waits for the subscriber, sends `count` messages (seq 0..count),
+/// then the end marker.
+pub fn run_publisher(spec: &PeerSpec) -> Result<(), PeerError> {
+    pin(spec.core);
+    let mut pacer = Pacer::new(spec.mode);
+    match spec.transport {
+        Transport::Mdbus => {
+            let settings = bench_settings(spec.mode);
+            let node = BusNode::open(&spec.bus, "bench-pub")?;
+            let publisher = node.publisher(BENCH_STREAM, settings)?;
+            let mut w = FrameWriter::with_capacity(settings.max_sample_bytes);
+            let mut hb = Heartbeat {
+                publisher_id: 1,
+                last_seq: 0,
+                interval_ms: 100,
+                feed_state: FeedState::Live as u8,
+                started_at_ns: 0,
+            };
+            // Heartbeats until the subscriber is connected.
+            loop {
+                w.clear();
+                let _ = w.push_heartbeat(header(FrameKind::Heartbeat, 9, 0), &hb);
+                if publisher.send(w.as_bytes())? > 0 {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            w.clear();
+            let batch = matches!(spec.mode, Mode::Throughput);
+            let frame = payload_len();
+            for i in 0..spec.count {
+                pacer.wait();
+                let k = sample_kline(i);
+                let h = mdbus_schema::FrameHeader {
+                    ts_publish_ns: now_ns() as i64,
+                    ..header(FrameKind::Kline, 9, i + 1)
+                };
+                w.push_kline(h, &k)
+                    .map_err(|e| PeerError::Other(e.to_string()))?;
+                if !batch || w.len() + frame > settings.max_sample_bytes {
+                    publisher.send(w.as_bytes())?;
+                    w.clear();
+                }
+            }
+            if !w.is_empty() {
+                publisher.send(w.as_bytes())?;
+                w.clear();
+            }
+            hb.last_seq = spec.count;
+            hb.feed_state = FeedState::Ended as u8;
+            let _ = w.push_heartbeat(header(FrameKind::Heartbeat, 9, spec.count), &hb);
+            publisher.send(w.as_bytes())?;
+        }
+        Transport::Iox2 => {
+            let settings = bench_settings(spec.mode);
+            let config = mdbus_bus::iceoryx_config(&spec.bus)?;
+            let node = NodeBuilder::new()
+                .config(&config)
+                .signal_handling_mode(SignalHandlingMode::Disabled)
+                .create::<ipc::Service>()
+                .map_err(|e| PeerError::Iox2(format!("{e:?}")))?;
+            let service = raw_service(&node, &spec.bus, settings)?;
+            let publisher = service
+                .publisher_builder()
+                .initial_max_slice_len(payload_len())
+                .backpressure_strategy(if settings.lossless {
+                    BackpressureStrategy::RetryUntilDelivered
+                } else {
+                    BackpressureStrategy::DiscardData
+                })
+                .create()
+                .map_err(|e| PeerError::Iox2(format!("{e:?}")))?;
+            let len = payload_len();
+            let send = |seq: u64| -> Result<usize, PeerError> {
+                let s = publisher
+                    .loan_slice_uninit(len)
+                    .map_err(|e| PeerError::Iox2(format!("{e:?}")))?;
+                let s = s.write_from_fn(|i| match i {
+                    0..=7 => seq.to_le_bytes()[i],
+                    8..=15 => now_ns().to_le_bytes()[i - 8],
+                    _ => 0,
+                });
+                s.send().map_err(|e| PeerError::Iox2(format!("{e:?}")))
+            };
+            while send(END - 1)? == 0 {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            for i in 0..spec.count {
+                pacer.wait();
+                send(i)?;
+            }
+            send(END)?;
+        }
+        Transport::Uds => {
+            let mut stream = loop {
+                match UnixStream::connect(&spec.socket) {
+                    Ok(s) => break s,
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            };
+            let mut buf = vec![0u8; payload_len()];
+            let err = |source| PeerError::Socket {
+                path: spec.socket.clone(),
+                source,
+            };
+            for i in 0..spec.count {
+                pacer.wait();
+                buf[0..8].copy_from_slice(&i.to_le_bytes());
+                buf[8..16].copy_from_slice(&now_ns().to_le_bytes());
+                stream.write_all(&buf).map_err(err)?;
+            }
+            stream.shutdown(std::net::Shutdown::Write).map_err(err)?;
+        }
+    }
+    Ok(())
+}
+
+fn raw_service(
+    node: &Node<ipc::Service>,
+    bus: &str,
+    s: StreamSettings,
+) -> Result<
+    iceoryx2::service::port_factory::publish_subscribe::PortFactory<ipc::Service, [u8], ()>,
+    PeerError,
+> {
+    let name = ServiceName::new(&format!("mdbus/{bus}/raw-baseline"))
+        .map_err(|e| PeerError::Iox2(format!("{e:?}")))?;
+    node.service_builder(&name)
+        .publish_subscribe::<[u8]>()
+        .payload_alignment(Alignment::new(16).ok_or_else(|| PeerError::Other("alignment".into()))?)
+        .subscriber_max_buffer_size(s.subscriber_buffer)
+        .enable_safe_overflow(!s.lossless)
+        .open_or_create()
+        .map_err(|e| PeerError::Iox2(format!("{e:?}")))
+}
+
+/// Runs the receiving side; prints `ready` on stdout once subscribed, returns the report after
+/// the end marker.
+pub fn run_subscriber(spec: &PeerSpec, ready: impl FnOnce()) -> Result<PeerReport, PeerError> {
+    pin(spec.core);
+    let mut rec = Recorder::new(spec.mode);
+    match spec.transport {
+        Transport::Mdbus => {
+            let settings = bench_settings(spec.mode);
+            let opts = ReaderOptions::default()
+                .settings(settings)
+                .node_name("bench-sub")
+                .kind(FrameKind::Kline)
+                .kind(FrameKind::Heartbeat);
+            let mut reader = Reader::open(&spec.bus, BENCH_STREAM, opts)
+                .map_err(|e| PeerError::Other(e.to_string()))?;
+            ready();
+            let mut done = false;
+            let mut bad = 0u64;
+            while !done {
+                reader.next_batch(WaitMode::Spin(Duration::from_millis(10)), |f| {
+                    match f.kind() {
+                        FrameKind::Kline => match f.kline() {
+                            Ok(k) => {
+                                let _ = k.close.to_native();
+                                rec.on(f.seq() - 1, Some(f.header.ts_publish_ns as u64));
+                            }
+                            Err(_) => bad += 1,
+                        },
+                        _ => {
+                            if f.heartbeat()
+                                .is_ok_and(|h| h.feed_state == FeedState::Ended as u8)
+                            {
+                                done = true;
+                            }
+                        }
+                    }
+                })?;
+            }
+            if bad > 0 {
+                return Err(PeerError::Other(format!("{bad} frames failed validation")));
+            }
+        }
+        Transport::Iox2 => {
+            let settings = bench_settings(spec.mode);
+            let config = mdbus_bus::iceoryx_config(&spec.bus)?;
+            let node = NodeBuilder::new()
+                .config(&config)
+                .signal_handling_mode(SignalHandlingMode::Disabled)
+                .create::<ipc::Service>()
+                .map_err(|e| PeerError::Iox2(format!("{e:?}")))?;
+            let service = raw_service(&node, &spec.bus, settings)?;
+            let sub = service
+                .subscriber_builder()
+                .buffer_size(settings.subscriber_buffer)
+                .create()
+                .map_err(|e| PeerError::Iox2(format!("{e:?}")))?;
+            ready();
+            loop {
+                let Some(s) = sub
+                    .receive()
+                    .map_err(|e| PeerError::Iox2(format!("{e:?}")))?
+                else {
+                    std::hint::spin_loop();
+                    continue;
+                };
+                let p = s.payload();
+                let mut a = [0u8; 8];
+                a.copy_from_slice(&p[0..8]);
+                let seq = u64::from_le_bytes(a);
+                if seq == END {
+                    break;
+                }
+                if seq == END - 1 {
+                    continue;
+                }
+                a.copy_from_slice(&p[8..16]);
+                rec.on(seq, Some(u64::from_le_bytes(a)));
+            }
+        }
+        Transport::Uds => {
+            let _ = std::fs::remove_file(&spec.socket);
+            let err = |source| PeerError::Socket {
+                path: spec.socket.clone(),
+                source,
+            };
+            let listener = UnixListener::bind(&spec.socket).map_err(err)?;
+            ready();
+            let (mut stream, _) = listener.accept().map_err(err)?;
+            let mut buf = vec![0u8; payload_len()];
+            let mut a = [0u8; 8];
+            loop {
+                match stream.read_exact(&mut buf) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+                    Err(e) => return Err(err(e)),
+                }
+                a.copy_from_slice(&buf[0..8]);
+                let seq = u64::from_le_bytes(a);
+                a.copy_from_slice(&buf[8..16]);
+                rec.on(seq, Some(u64::from_le_bytes(a)));
+            }
+            let _ = std::fs::remove_file(&spec.socket);
+        }
+    }
+    let mut r = rec.report();
+    r.lost += spec.count.saturating_sub(rec.next);
+    Ok(r)
+}
