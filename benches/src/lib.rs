@@ -70,10 +70,7 @@ pub enum BenchRunError {
     #[error("unknown scenario {0:?} (known: latency, throughput)")]
     UnknownScenario(String),
     #[error("starting {what}: {source}")]
-    Spawn {
-        what: String,
-        source: std::io::Error,
-    },
+    Spawn { what: String, source: std::io::Error },
     #[error("{what}: {detail}")]
     Peer { what: String, detail: String },
 }
@@ -82,9 +79,7 @@ fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+            s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
         })
         .unwrap_or_else(|| "unknown".into())
 }
@@ -93,83 +88,46 @@ fn cores() -> usize {
     core_affinity::get_core_ids().map_or(1, |c| c.len())
 }
 
-fn spawn_peer(
-    exe: &Path,
-    role: &str,
-    spec: &PeerSpec,
-) -> Result<std::process::Child, BenchRunError> {
-    let json = serde_json::to_string(spec).map_err(|e| BenchRunError::Peer {
-        what: role.into(),
-        detail: e.to_string(),
-    })?;
+fn spawn_peer(exe: &Path, role: &str, spec: &PeerSpec) -> Result<std::process::Child, BenchRunError> {
+    let json =
+        serde_json::to_string(spec).map_err(|e| BenchRunError::Peer { what: role.into(), detail: e.to_string() })?;
     Command::new(exe)
         .args(["bench-peer", "--role", role, "--spec", &json])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
-        .map_err(|source| BenchRunError::Spawn {
-            what: format!("bench {role} ({})", spec.transport.as_str()),
-            source,
-        })
+        .map_err(|source| BenchRunError::Spawn { what: format!("bench {role} ({})", spec.transport.as_str()), source })
 }
 
 /// Runs one publisher/subscriber pair and returns the subscriber's report.
 fn run_pair(exe: &Path, spec: &PeerSpec, pin: bool) -> Result<PeerReport, BenchRunError> {
     let what = format!("{} {:?}", spec.transport.as_str(), spec.mode);
-    let sub_spec = PeerSpec {
-        core: pin.then_some(1),
-        ..spec.clone()
-    };
-    let pub_spec = PeerSpec {
-        core: pin.then_some(0),
-        ..spec.clone()
-    };
+    let sub_spec = PeerSpec { core: pin.then_some(1), ..spec.clone() };
+    let pub_spec = PeerSpec { core: pin.then_some(0), ..spec.clone() };
     let mut sub = spawn_peer(exe, "sub", &sub_spec)?;
-    let out = sub.stdout.take().ok_or_else(|| BenchRunError::Peer {
-        what: what.clone(),
-        detail: "no stdout".into(),
-    })?;
+    let out =
+        sub.stdout.take().ok_or_else(|| BenchRunError::Peer { what: what.clone(), detail: "no stdout".into() })?;
     let mut lines = BufReader::new(out).lines();
     match lines.next() {
         Some(Ok(l)) if l == "ready" => {}
         other => {
             let _ = sub.kill();
-            return Err(BenchRunError::Peer {
-                what,
-                detail: format!("subscriber did not get ready: {other:?}"),
-            });
+            return Err(BenchRunError::Peer { what, detail: format!("subscriber did not get ready: {other:?}") });
         }
     }
     let mut publ = spawn_peer(exe, "pub", &pub_spec)?;
-    let pub_status = publ.wait().map_err(|source| BenchRunError::Spawn {
-        what: what.clone(),
-        source,
-    })?;
+    let pub_status = publ.wait().map_err(|source| BenchRunError::Spawn { what: what.clone(), source })?;
     let report = lines.next();
-    let sub_status = sub.wait().map_err(|source| BenchRunError::Spawn {
-        what: what.clone(),
-        source,
-    })?;
+    let sub_status = sub.wait().map_err(|source| BenchRunError::Spawn { what: what.clone(), source })?;
     if !pub_status.success() || !sub_status.success() {
-        return Err(BenchRunError::Peer {
-            what,
-            detail: format!("publisher {pub_status}, subscriber {sub_status}"),
-        });
+        return Err(BenchRunError::Peer { what, detail: format!("publisher {pub_status}, subscriber {sub_status}") });
     }
     let line = match report {
         Some(Ok(l)) => l,
-        other => {
-            return Err(BenchRunError::Peer {
-                what,
-                detail: format!("no report: {other:?}"),
-            })
-        }
+        other => return Err(BenchRunError::Peer { what, detail: format!("no report: {other:?}") }),
     };
-    serde_json::from_str(&line).map_err(|e| BenchRunError::Peer {
-        what,
-        detail: format!("bad report {line:?}: {e}"),
-    })
+    serde_json::from_str(&line).map_err(|e| BenchRunError::Peer { what, detail: format!("bad report {line:?}: {e}") })
 }
 
 fn row(name: &str, t: Transport, r: &PeerReport) -> Row {
@@ -179,11 +137,7 @@ fn row(name: &str, t: Transport, r: &PeerReport) -> Row {
         messages: r.received,
         lost: r.lost,
         out_of_order: r.out_of_order,
-        per_second: if r.elapsed_s > 0.0 {
-            r.received as f64 / r.elapsed_s
-        } else {
-            0.0
-        },
+        per_second: if r.elapsed_s > 0.0 { r.received as f64 / r.elapsed_s } else { 0.0 },
         p50_ns: r.p50_ns,
         p99_ns: r.p99_ns,
         p999_ns: r.p999_ns,
@@ -210,10 +164,7 @@ pub fn run_scenario(scenario: &str, o: &BenchOptions) -> Result<ScenarioReport, 
     match scenario {
         "latency" => {
             let count = o.count.unwrap_or(if o.quick { 20_000 } else { 100_000 });
-            let mode = Mode::Latency {
-                rate: o.rate,
-                warmup: count / 10,
-            };
+            let mode = Mode::Latency { rate: o.rate, warmup: count / 10 };
             let transports = [
                 ("raw iceoryx2, same payload (baseline)", Transport::Iox2),
                 ("unix socket, blocking read", Transport::Uds),
@@ -222,8 +173,7 @@ pub fn run_scenario(scenario: &str, o: &BenchOptions) -> Result<ScenarioReport, 
             // Several rounds in rotating order, histograms merged, so that a noisy moment hurts
             // every transport alike instead of whichever ran then.
             let rounds = if o.quick { 1 } else { 3 };
-            let mut merged: Vec<Option<(hdrhistogram::Histogram<u64>, PeerReport)>> =
-                vec![None, None, None];
+            let mut merged: Vec<Option<(hdrhistogram::Histogram<u64>, PeerReport)>> = vec![None, None, None];
             for round in 0..rounds {
                 for k in 0..transports.len() {
                     let i = (k + round) % transports.len();
@@ -258,15 +208,9 @@ pub fn run_scenario(scenario: &str, o: &BenchOptions) -> Result<ScenarioReport, 
             }
         }
         "throughput" => {
-            let count = o
-                .count
-                .unwrap_or(if o.quick { 1_000_000 } else { 10_000_000 });
+            let count = o.count.unwrap_or(if o.quick { 1_000_000 } else { 10_000_000 });
             for (name, t, c) in [
-                (
-                    "raw iceoryx2, one frame per sample (baseline)",
-                    Transport::Iox2,
-                    count / 4,
-                ),
+                ("raw iceoryx2, one frame per sample (baseline)", Transport::Iox2, count / 4),
                 ("mdbus, frames batched per sample", Transport::Mdbus, count),
             ] {
                 let r = run_pair(&o.exe, &base(t, Mode::Throughput, c), pin)?;
@@ -319,10 +263,7 @@ pub fn render_table(r: &ScenarioReport) -> String {
             ));
         }
     } else {
-        s.push_str(&format!(
-            "{:<48} {:>10} {:>6} {:>14} {:>8}\n",
-            "transport", "frames", "lost", "frames/s", "ratio"
-        ));
+        s.push_str(&format!("{:<48} {:>10} {:>6} {:>14} {:>8}\n", "transport", "frames", "lost", "frames/s", "ratio"));
         for x in &r.rows {
             s.push_str(&format!(
                 "{:<48} {:>10} {:>6} {:>14.0} {:>7.2}x\n",

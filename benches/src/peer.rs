@@ -98,27 +98,18 @@ pub enum PeerError {
     #[error("iceoryx2: {0}")]
     Iox2(String),
     #[error("socket {path}: {source}")]
-    Socket {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Socket { path: PathBuf, source: std::io::Error },
     #[error("{0}")]
     Other(String),
 }
 
 fn now_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
 }
 
 fn pin(core: Option<usize>) {
     if let Some(c) = core {
-        if let Some(id) = core_affinity::get_core_ids()
-            .unwrap_or_default()
-            .into_iter()
-            .find(|i| i.id == c)
-        {
+        if let Some(id) = core_affinity::get_core_ids().unwrap_or_default().into_iter().find(|i| i.id == c) {
             core_affinity::set_for_current(id);
         }
     }
@@ -127,25 +118,14 @@ fn pin(core: Option<usize>) {
 fn sample_kline(i: u64) -> Kline {
     // Invariant: a literal valid symbol.
     let sym = Symbol::new("BTCUSDT").unwrap_or_else(|_| unreachable!());
-    let mut k = Kline::empty(
-        Interval::M1,
-        1_700_000_000_000,
-        sym,
-        0,
-        2,
-        5,
-        8_723_201 + i as i64 % 100,
-    );
+    let mut k = Kline::empty(Interval::M1, 1_700_000_000_000, sym, 0, 2, 5, 8_723_201 + i as i64 % 100);
     k.trade_count = i;
     k
 }
 
 /// The settings of the benchmark's own streams: lossless in throughput mode.
 pub fn bench_settings(mode: Mode) -> StreamSettings {
-    StreamSettings {
-        lossless: matches!(mode, Mode::Throughput),
-        ..StreamSettings::default()
-    }
+    StreamSettings { lossless: matches!(mode, Mode::Throughput), ..StreamSettings::default() }
 }
 
 const BENCH_STREAM: &str = "bench";
@@ -163,11 +143,7 @@ impl Pacer {
             Mode::Latency { rate, .. } => 1e9 / rate.max(1.0),
             Mode::Throughput => 0.0,
         };
-        Pacer {
-            start: Instant::now(),
-            period_ns,
-            n: 0,
-        }
+        Pacer { start: Instant::now(), period_ns, n: 0 }
     }
     fn wait(&mut self) {
         if self.period_ns > 0.0 {
@@ -199,8 +175,7 @@ impl Recorder {
         };
         Recorder {
             // Invariant: valid constant bounds (1 ns .. 60 s, 3 significant digits).
-            hist: Histogram::new_with_bounds(1, 60_000_000_000, 3)
-                .unwrap_or_else(|_| unreachable!()),
+            hist: Histogram::new_with_bounds(1, 60_000_000_000, 3).unwrap_or_else(|_| unreachable!()),
             warmup,
             received: 0,
             next: 0,
@@ -210,10 +185,14 @@ impl Recorder {
             last: Instant::now(),
         }
     }
-    fn on(&mut self, seq: u64, sent_ns: Option<u64>) {
+    /// Marks the arrival time of what follows (once per batch, not per frame).
+    fn stamp(&mut self) {
         let now = Instant::now();
         self.first.get_or_insert(now);
         self.last = now;
+    }
+
+    fn on(&mut self, seq: u64, sent_ns: Option<u64>) {
         if seq > self.next {
             self.lost += seq - self.next;
         } else if seq < self.next {
@@ -233,9 +212,7 @@ impl Recorder {
             received: self.received,
             lost: self.lost,
             out_of_order: self.out_of_order,
-            elapsed_s: self
-                .first
-                .map_or(0.0, |f| self.last.duration_since(f).as_secs_f64()),
+            elapsed_s: self.first.map_or(0.0, |f| self.last.duration_since(f).as_secs_f64()),
             p50_ns: h.value_at_quantile(0.50),
             p99_ns: h.value_at_quantile(0.99),
             p999_ns: h.value_at_quantile(0.999),
@@ -262,12 +239,9 @@ fn encode_hist(h: &Histogram<u64>) -> String {
 
 /// Decodes a histogram written by a peer (`None` if malformed).
 pub fn decode_hist(hex: &str) -> Option<Histogram<u64>> {
-    let bytes: Option<Vec<u8>> = (0..hex.len() / 2)
-        .map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok())
-        .collect();
-    hdrhistogram::serialization::Deserializer::new()
-        .deserialize(&mut &bytes?[..])
-        .ok()
+    let bytes: Option<Vec<u8>> =
+        (0..hex.len() / 2).map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()).collect();
+    hdrhistogram::serialization::Deserializer::new().deserialize(&mut &bytes?[..]).ok()
 }
 
 /// Runs the publishing side. Waits for the subscriber, sends `count` messages (seq 0..count),
@@ -303,12 +277,9 @@ pub fn run_publisher(spec: &PeerSpec) -> Result<(), PeerError> {
             for i in 0..spec.count {
                 pacer.wait();
                 let k = sample_kline(i);
-                let h = mdbus_schema::FrameHeader {
-                    ts_publish_ns: now_ns() as i64,
-                    ..header(FrameKind::Kline, 9, i + 1)
-                };
-                w.push_kline(h, &k)
-                    .map_err(|e| PeerError::Other(e.to_string()))?;
+                let h =
+                    mdbus_schema::FrameHeader { ts_publish_ns: now_ns() as i64, ..header(FrameKind::Kline, 9, i + 1) };
+                w.push_kline(h, &k).map_err(|e| PeerError::Other(e.to_string()))?;
                 if !batch || w.len() + frame > settings.max_sample_bytes {
                     publisher.send(w.as_bytes())?;
                     w.clear();
@@ -344,9 +315,7 @@ pub fn run_publisher(spec: &PeerSpec) -> Result<(), PeerError> {
                 .map_err(|e| PeerError::Iox2(format!("{e:?}")))?;
             let len = payload_len();
             let send = |seq: u64| -> Result<usize, PeerError> {
-                let s = publisher
-                    .loan_slice_uninit(len)
-                    .map_err(|e| PeerError::Iox2(format!("{e:?}")))?;
+                let s = publisher.loan_slice_uninit(len).map_err(|e| PeerError::Iox2(format!("{e:?}")))?;
                 let s = s.write_from_fn(|i| match i {
                     0..=7 => seq.to_le_bytes()[i],
                     8..=15 => now_ns().to_le_bytes()[i - 8],
@@ -371,10 +340,7 @@ pub fn run_publisher(spec: &PeerSpec) -> Result<(), PeerError> {
                 }
             };
             let mut buf = vec![0u8; payload_len()];
-            let err = |source| PeerError::Socket {
-                path: spec.socket.clone(),
-                source,
-            };
+            let err = |source| PeerError::Socket { path: spec.socket.clone(), source };
             for i in 0..spec.count {
                 pacer.wait();
                 buf[0..8].copy_from_slice(&i.to_le_bytes());
@@ -391,12 +357,8 @@ fn raw_service(
     node: &Node<ipc::Service>,
     bus: &str,
     s: StreamSettings,
-) -> Result<
-    iceoryx2::service::port_factory::publish_subscribe::PortFactory<ipc::Service, [u8], ()>,
-    PeerError,
-> {
-    let name = ServiceName::new(&format!("mdbus/{bus}/raw-baseline"))
-        .map_err(|e| PeerError::Iox2(format!("{e:?}")))?;
+) -> Result<iceoryx2::service::port_factory::publish_subscribe::PortFactory<ipc::Service, [u8], ()>, PeerError> {
+    let name = ServiceName::new(&format!("mdbus/{bus}/raw-baseline")).map_err(|e| PeerError::Iox2(format!("{e:?}")))?;
     node.service_builder(&name)
         .publish_subscribe::<[u8]>()
         .payload_alignment(Alignment::new(16).ok_or_else(|| PeerError::Other("alignment".into()))?)
@@ -411,6 +373,7 @@ fn raw_service(
 pub fn run_subscriber(spec: &PeerSpec, ready: impl FnOnce()) -> Result<PeerReport, PeerError> {
     pin(spec.core);
     let mut rec = Recorder::new(spec.mode);
+    let timed = matches!(spec.mode, Mode::Latency { .. });
     match spec.transport {
         Transport::Mdbus => {
             let settings = bench_settings(spec.mode);
@@ -419,27 +382,30 @@ pub fn run_subscriber(spec: &PeerSpec, ready: impl FnOnce()) -> Result<PeerRepor
                 .node_name("bench-sub")
                 .kind(FrameKind::Kline)
                 .kind(FrameKind::Heartbeat);
-            let mut reader = Reader::open(&spec.bus, BENCH_STREAM, opts)
-                .map_err(|e| PeerError::Other(e.to_string()))?;
+            let mut reader =
+                Reader::open(&spec.bus, BENCH_STREAM, opts).map_err(|e| PeerError::Other(e.to_string()))?;
             ready();
             let mut done = false;
             let mut bad = 0u64;
+            let mut stamped = false;
             while !done {
-                reader.next_batch(WaitMode::Spin(Duration::from_millis(10)), |f| {
-                    match f.kind() {
-                        FrameKind::Kline => match f.kline() {
-                            Ok(k) => {
-                                let _ = k.close.to_native();
-                                rec.on(f.seq() - 1, Some(f.header.ts_publish_ns as u64));
+                reader.next_batch(WaitMode::Spin(Duration::from_millis(10)), |f| match f.kind() {
+                    FrameKind::Kline => match f.kline() {
+                        Ok(k) => {
+                            if !stamped {
+                                rec.stamp();
+                                stamped = true;
                             }
-                            Err(_) => bad += 1,
-                        },
-                        _ => {
-                            if f.heartbeat()
-                                .is_ok_and(|h| h.feed_state == FeedState::Ended as u8)
-                            {
-                                done = true;
-                            }
+                            let _ = k.close.to_native();
+                            rec.on(f.seq() - 1, timed.then_some(f.header.ts_publish_ns as u64));
+                        }
+                        Err(_) => bad += 1,
+                    },
+                    _ => {
+                        if f.heartbeat().is_ok_and(|h| h.feed_state == FeedState::Ended as u8) {
+                            // The end marker: the last frame's arrival time.
+                            rec.stamp();
+                            done = true;
                         }
                     }
                 })?;
@@ -464,10 +430,7 @@ pub fn run_subscriber(spec: &PeerSpec, ready: impl FnOnce()) -> Result<PeerRepor
                 .map_err(|e| PeerError::Iox2(format!("{e:?}")))?;
             ready();
             loop {
-                let Some(s) = sub
-                    .receive()
-                    .map_err(|e| PeerError::Iox2(format!("{e:?}")))?
-                else {
+                let Some(s) = sub.receive().map_err(|e| PeerError::Iox2(format!("{e:?}")))? else {
                     std::hint::spin_loop();
                     continue;
                 };
@@ -482,15 +445,13 @@ pub fn run_subscriber(spec: &PeerSpec, ready: impl FnOnce()) -> Result<PeerRepor
                     continue;
                 }
                 a.copy_from_slice(&p[8..16]);
-                rec.on(seq, Some(u64::from_le_bytes(a)));
+                rec.stamp();
+                rec.on(seq, timed.then_some(u64::from_le_bytes(a)));
             }
         }
         Transport::Uds => {
             let _ = std::fs::remove_file(&spec.socket);
-            let err = |source| PeerError::Socket {
-                path: spec.socket.clone(),
-                source,
-            };
+            let err = |source| PeerError::Socket { path: spec.socket.clone(), source };
             let listener = UnixListener::bind(&spec.socket).map_err(err)?;
             ready();
             let (mut stream, _) = listener.accept().map_err(err)?;
@@ -505,7 +466,8 @@ pub fn run_subscriber(spec: &PeerSpec, ready: impl FnOnce()) -> Result<PeerRepor
                 a.copy_from_slice(&buf[0..8]);
                 let seq = u64::from_le_bytes(a);
                 a.copy_from_slice(&buf[8..16]);
-                rec.on(seq, Some(u64::from_le_bytes(a)));
+                rec.stamp();
+                rec.on(seq, timed.then_some(u64::from_le_bytes(a)));
             }
             let _ = std::fs::remove_file(&spec.socket);
         }

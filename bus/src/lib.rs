@@ -66,11 +66,7 @@ pub enum BusError {
     #[error("opening service {service}: {detail}")]
     Service { service: String, detail: String },
     #[error("creating {port} port on {service}: {detail}")]
-    Port {
-        service: String,
-        port: &'static str,
-        detail: String,
-    },
+    Port { service: String, port: &'static str, detail: String },
     #[error("sending on {service}: {detail}")]
     Send { service: String, detail: String },
     #[error("receiving on {service}: {detail}")]
@@ -86,8 +82,8 @@ pub fn iceoryx_config(bus: &str) -> Result<Config, BusError> {
     validate_bus_name(bus).map_err(BusError::BadBusName)?;
     let mut config = Config::default();
     let prefix = file_prefix(bus);
-    config.global.prefix = FileName::new(prefix.as_bytes())
-        .map_err(|e| BusError::BadBusName(format!("{bus}: {e:?}")))?;
+    config.global.prefix =
+        FileName::new(prefix.as_bytes()).map_err(|e| BusError::BadBusName(format!("{bus}: {e:?}")))?;
     Ok(config)
 }
 
@@ -105,9 +101,7 @@ pub struct BusNode {
 
 impl std::fmt::Debug for BusNode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BusNode")
-            .field("bus", &self.bus)
-            .finish_non_exhaustive()
+        f.debug_struct("BusNode").field("bus", &self.bus).finish_non_exhaustive()
     }
 }
 
@@ -120,25 +114,16 @@ impl BusNode {
     /// SIGINT/SIGTERM ourselves so that every port is dropped and its files removed).
     pub fn open(bus: &str, name: &str) -> Result<BusNode, BusError> {
         let config = iceoryx_config(bus)?;
-        let node_name = NodeName::new(name).map_err(|e| BusError::Node {
-            bus: bus.into(),
-            detail: detail(e),
-        })?;
+        let node_name = NodeName::new(name).map_err(|e| BusError::Node { bus: bus.into(), detail: detail(e) })?;
         let node = NodeBuilder::new()
             .name(&node_name)
             .config(&config)
             .signal_handling_mode(SignalHandlingMode::Disabled)
             .create::<ipc::Service>()
-            .map_err(|e| BusError::Node {
-                bus: bus.into(),
-                detail: detail(e),
-            })?;
+            .map_err(|e| BusError::Node { bus: bus.into(), detail: detail(e) })?;
         // Remove what crashed processes of this bus left behind.
         let _ = node.try_cleanup_dead_nodes();
-        Ok(BusNode {
-            bus: bus.to_owned(),
-            node,
-        })
+        Ok(BusNode { bus: bus.to_owned(), node })
     }
 
     pub fn bus(&self) -> &str {
@@ -150,17 +135,11 @@ impl BusNode {
         stream: &str,
         s: &StreamSettings,
     ) -> Result<
-        (
-            String,
-            iceoryx2::service::port_factory::publish_subscribe::PortFactory<ipc::Service, [u8], ()>,
-        ),
+        (String, iceoryx2::service::port_factory::publish_subscribe::PortFactory<ipc::Service, [u8], ()>),
         BusError,
     > {
         let name = stream_service(&self.bus, stream);
-        let err = |e: String| BusError::Service {
-            service: name.clone(),
-            detail: e,
-        };
+        let err = |e: String| BusError::Service { service: name.clone(), detail: e };
         let sname = ServiceName::new(&name).map_err(|e| err(detail(e)))?;
         // Invariant: FRAME_ALIGN (16) is a power of two.
         let align = Alignment::new(FRAME_ALIGN).ok_or_else(|| err("bad alignment".into()))?;
@@ -185,18 +164,9 @@ impl BusNode {
         &self,
         stream: &str,
         s: &StreamSettings,
-    ) -> Result<
-        (
-            String,
-            iceoryx2::service::port_factory::event::PortFactory<ipc::Service>,
-        ),
-        BusError,
-    > {
+    ) -> Result<(String, iceoryx2::service::port_factory::event::PortFactory<ipc::Service>), BusError> {
         let name = stream_wake_service(&self.bus, stream);
-        let err = |e: String| BusError::Service {
-            service: name.clone(),
-            detail: e,
-        };
+        let err = |e: String| BusError::Service { service: name.clone(), detail: e };
         let sname = ServiceName::new(&name).map_err(|e| err(detail(e)))?;
         let f = self
             .node
@@ -211,18 +181,10 @@ impl BusNode {
     }
 
     /// Opens (creating if needed) stream `stream` for publishing.
-    pub fn publisher(
-        &self,
-        stream: &str,
-        settings: StreamSettings,
-    ) -> Result<StreamPublisher, BusError> {
+    pub fn publisher(&self, stream: &str, settings: StreamSettings) -> Result<StreamPublisher, BusError> {
         let (service, ps) = self.pubsub(stream, &settings)?;
         let (_, ev) = self.wake(stream, &settings)?;
-        let port_err = |port, e: String| BusError::Port {
-            service: service.clone(),
-            port,
-            detail: e,
-        };
+        let port_err = |port, e: String| BusError::Port { service: service.clone(), port, detail: e };
         let publisher = ps
             .publisher_builder()
             .initial_max_slice_len(settings.max_sample_bytes)
@@ -235,16 +197,8 @@ impl BusNode {
             })
             .create()
             .map_err(|e| port_err("publisher", detail(e)))?;
-        let notifier = ev
-            .notifier_builder()
-            .create()
-            .map_err(|e| port_err("notifier", detail(e)))?;
-        Ok(StreamPublisher {
-            service,
-            publisher,
-            notifier,
-            max: settings.max_sample_bytes,
-        })
+        let notifier = ev.notifier_builder().create().map_err(|e| port_err("notifier", detail(e)))?;
+        Ok(StreamPublisher { service, publisher, notifier, max: settings.max_sample_bytes })
     }
 
     /// Opens (creating if needed) stream `stream` for reading. `buffer` samples are queued for
@@ -257,25 +211,14 @@ impl BusNode {
     ) -> Result<StreamSubscriber, BusError> {
         let (service, ps) = self.pubsub(stream, &settings)?;
         let (_, ev) = self.wake(stream, &settings)?;
-        let port_err = |port, e: String| BusError::Port {
-            service: service.clone(),
-            port,
-            detail: e,
-        };
+        let port_err = |port, e: String| BusError::Port { service: service.clone(), port, detail: e };
         let subscriber = ps
             .subscriber_builder()
             .buffer_size(buffer.clamp(1, settings.subscriber_buffer))
             .create()
             .map_err(|e| port_err("subscriber", detail(e)))?;
-        let listener = ev
-            .listener_builder()
-            .create()
-            .map_err(|e| port_err("listener", detail(e)))?;
-        Ok(StreamSubscriber {
-            service,
-            subscriber,
-            listener,
-        })
+        let listener = ev.listener_builder().create().map_err(|e| port_err("listener", detail(e)))?;
+        Ok(StreamSubscriber { service, subscriber, listener })
     }
 }
 
@@ -289,9 +232,7 @@ pub struct StreamPublisher {
 
 impl std::fmt::Debug for StreamPublisher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StreamPublisher")
-            .field("service", &self.service)
-            .finish_non_exhaustive()
+        f.debug_struct("StreamPublisher").field("service", &self.service).finish_non_exhaustive()
     }
 }
 
@@ -300,19 +241,10 @@ impl StreamPublisher {
     /// blocked readers. Returns the number of subscribers reached.
     pub fn send(&self, bytes: &[u8]) -> Result<usize, BusError> {
         if bytes.len() > self.max {
-            return Err(BusError::SampleTooLarge {
-                len: bytes.len(),
-                max: self.max,
-            });
+            return Err(BusError::SampleTooLarge { len: bytes.len(), max: self.max });
         }
-        let err = |e: String| BusError::Send {
-            service: self.service.clone(),
-            detail: e,
-        };
-        let sample = self
-            .publisher
-            .loan_slice_uninit(bytes.len())
-            .map_err(|e| err(detail(e)))?;
+        let err = |e: String| BusError::Send { service: self.service.clone(), detail: e };
+        let sample = self.publisher.loan_slice_uninit(bytes.len()).map_err(|e| err(detail(e)))?;
         let sample = sample.write_from_slice(bytes);
         let reached = sample.send().map_err(|e| err(detail(e)))?;
         // A failed wake-up only delays blocked readers until their timeout; the data is sent.
@@ -338,19 +270,14 @@ pub struct StreamSubscriber {
 
 impl std::fmt::Debug for StreamSubscriber {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StreamSubscriber")
-            .field("service", &self.service)
-            .finish_non_exhaustive()
+        f.debug_struct("StreamSubscriber").field("service", &self.service).finish_non_exhaustive()
     }
 }
 
 impl StreamSubscriber {
     /// The next queued sample, if any. Never blocks.
     pub fn receive(&self) -> Result<Option<StreamSample>, BusError> {
-        self.subscriber.receive().map_err(|e| BusError::Receive {
-            service: self.service.clone(),
-            detail: detail(e),
-        })
+        self.subscriber.receive().map_err(|e| BusError::Receive { service: self.service.clone(), detail: detail(e) })
     }
 
     /// Whether a sample is waiting (cheap; for busy-polling).
@@ -364,10 +291,7 @@ impl StreamSubscriber {
         match self.listener.timed_wait(|_| {}, timeout) {
             // A signal (e.g. the Ctrl-C that stops us) interrupts the wait: not an error.
             Ok(_) | Err(ListenerWaitError::InterruptSignal) => Ok(()),
-            Err(e) => Err(BusError::Receive {
-                service: self.service.clone(),
-                detail: detail(e),
-            }),
+            Err(e) => Err(BusError::Receive { service: self.service.clone(), detail: detail(e) }),
         }
     }
 

@@ -32,9 +32,7 @@ pub struct AggregatorConfig {
 
 impl Default for AggregatorConfig {
     fn default() -> Self {
-        AggregatorConfig {
-            close_grace_ms: 200,
-        }
+        AggregatorConfig { close_grace_ms: 200 }
     }
 }
 
@@ -102,14 +100,10 @@ impl Aggregator {
     /// Adds a symbol and returns its id. Grows the tables: call off the hot path.
     pub fn add_symbol(&mut self, spec: SymbolSpec) -> u32 {
         let id = self.symbols.len() as u32;
-        self.symbols.push(SymbolState {
-            spec,
-            open: [None; N],
-        });
+        self.symbols.push(SymbolState { spec, open: [None; N] });
         let slots = self.symbols.len() * N;
         self.dirty_bits.resize(slots.div_ceil(64), 0);
-        self.dirty_list
-            .reserve(slots.saturating_sub(self.dirty_list.capacity()));
+        self.dirty_list.reserve(slots.saturating_sub(self.dirty_list.capacity()));
         id
     }
 
@@ -149,12 +143,7 @@ impl Aggregator {
     /// The rollover authority: closes every open K-line of `symbol_id` whose bucket ends at or
     /// before `to_ms` (its `close_time < to_ms`), opening the empty K-line of the next bucket each
     /// time. Returns the earliest end of the K-lines left open.
-    pub fn roll_to(
-        &mut self,
-        symbol_id: u32,
-        to_ms: i64,
-        on_close: &mut impl FnMut(&Kline),
-    ) -> i64 {
+    pub fn roll_to(&mut self, symbol_id: u32, to_ms: i64, on_close: &mut impl FnMut(&Kline)) -> i64 {
         let mut earliest = i64::MAX;
         let Some(state) = self.symbols.get_mut(symbol_id as usize) else {
             return earliest;
@@ -168,15 +157,7 @@ impl Aggregator {
                 on_close(k);
                 self.stats.closed += 1;
                 let next = iv.next_open(k.open_time);
-                *k = Kline::empty(
-                    iv,
-                    next,
-                    k.symbol,
-                    k.symbol_id,
-                    k.price_scale,
-                    k.qty_scale,
-                    k.close,
-                );
+                *k = Kline::empty(iv, next, k.symbol, k.symbol_id, k.price_scale, k.qty_scale, k.close);
                 self.stats.empty_opened += 1;
                 touched |= 1 << i;
             }
@@ -270,11 +251,7 @@ mod tests {
     const T0: i64 = 1_709_251_140_000; // 2024-02-29T23:59:00Z
 
     fn spec() -> SymbolSpec {
-        SymbolSpec {
-            symbol: Symbol::new("BTCUSDT").unwrap(),
-            price_scale: 2,
-            qty_scale: 3,
-        }
+        SymbolSpec { symbol: Symbol::new("BTCUSDT").unwrap(), price_scale: 2, qty_scale: 3 }
     }
 
     fn trade(id: i64, ms: i64, price: i64, qty: i64, buyer_maker: bool) -> Trade {
@@ -292,12 +269,7 @@ mod tests {
     }
 
     fn run(trades: &[Trade], chunks: &[usize], grace: i64) -> (Vec<Kline>, Aggregator) {
-        let mut a = Aggregator::new(
-            &[spec()],
-            AggregatorConfig {
-                close_grace_ms: grace,
-            },
-        );
+        let mut a = Aggregator::new(&[spec()], AggregatorConfig { close_grace_ms: grace });
         let mut closed = Vec::new();
         let mut i = 0;
         let mut c = 0;
@@ -305,10 +277,7 @@ mod tests {
             let n = chunks.get(c).copied().unwrap_or(1).max(1);
             c += 1;
             for t in &trades[i..(i + n).min(trades.len())] {
-                assert_eq!(
-                    a.on_trade(t, &mut |k| closed.push(*k)),
-                    TradeOutcome::Accepted
-                );
+                assert_eq!(a.on_trade(t, &mut |k| closed.push(*k)), TradeOutcome::Accepted);
             }
             i = (i + n).min(trades.len());
             let last = trades[i - 1].time_ms();
@@ -342,20 +311,10 @@ mod tests {
                 k.last_trade_id = ts.last().unwrap().trade_id;
                 k.trade_count = ts.len() as u64;
                 k.volume = ts.iter().map(|t| i128::from(t.qty)).sum();
-                k.quote_volume = ts
-                    .iter()
-                    .map(|t| i128::from(t.qty) * i128::from(t.price))
-                    .sum();
-                k.taker_buy_volume = ts
-                    .iter()
-                    .filter(|t| !t.is_buyer_maker)
-                    .map(|t| i128::from(t.qty))
-                    .sum();
-                k.taker_buy_quote_volume = ts
-                    .iter()
-                    .filter(|t| !t.is_buyer_maker)
-                    .map(|t| i128::from(t.qty) * i128::from(t.price))
-                    .sum();
+                k.quote_volume = ts.iter().map(|t| i128::from(t.qty) * i128::from(t.price)).sum();
+                k.taker_buy_volume = ts.iter().filter(|t| !t.is_buyer_maker).map(|t| i128::from(t.qty)).sum();
+                k.taker_buy_quote_volume =
+                    ts.iter().filter(|t| !t.is_buyer_maker).map(|t| i128::from(t.qty) * i128::from(t.price)).sum();
             }
             prev_close = k.close;
             out.push(k);
@@ -366,37 +325,22 @@ mod tests {
 
     #[test]
     fn kline_closes_on_a_later_trade_and_the_gap_gets_binance_empty_klines() {
-        let trades = [
-            trade(1, T0 + 100, 100, 5, false),
-            trade(2, T0 + 900, 120, 1, true),
-            trade(3, T0 + 3_500, 90, 2, false),
-        ];
+        let trades =
+            [trade(1, T0 + 100, 100, 5, false), trade(2, T0 + 900, 120, 1, true), trade(3, T0 + 3_500, 90, 2, false)];
         let mut a = Aggregator::new(&[spec()], AggregatorConfig::default());
         let mut closed = Vec::new();
         for t in &trades {
             a.on_trade(t, &mut |k| closed.push(*k));
         }
-        let s1: Vec<_> = closed
-            .iter()
-            .filter(|k| k.interval == Interval::S1 as u8)
-            .collect();
+        let s1: Vec<_> = closed.iter().filter(|k| k.interval == Interval::S1 as u8).collect();
         assert_eq!(s1.len(), 3, "the trade's second and two empty seconds");
-        assert_eq!(
-            (s1[0].open, s1[0].high, s1[0].low, s1[0].close),
-            (100, 120, 100, 120)
-        );
-        assert_eq!(
-            (s1[0].first_trade_id, s1[0].last_trade_id, s1[0].trade_count),
-            (1, 2, 2)
-        );
+        assert_eq!((s1[0].open, s1[0].high, s1[0].low, s1[0].close), (100, 120, 100, 120));
+        assert_eq!((s1[0].first_trade_id, s1[0].last_trade_id, s1[0].trade_count), (1, 2, 2));
         assert_eq!(s1[0].taker_buy_volume, 5);
         assert_eq!(s1[0].quote_volume, 100 * 5 + 120);
         for e in &s1[1..] {
             assert_eq!((e.open, e.high, e.low, e.close), (120, 120, 120, 120));
-            assert_eq!(
-                (e.first_trade_id, e.last_trade_id, e.trade_count, e.volume),
-                (-1, -1, 0, 0)
-            );
+            assert_eq!((e.first_trade_id, e.last_trade_id, e.trade_count, e.volume), (-1, -1, 0, 0));
             assert!(e.closed);
         }
         assert_eq!(s1[2].open_time, T0 + 2_000);
@@ -407,12 +351,7 @@ mod tests {
 
     #[test]
     fn kline_closes_on_clock_when_no_trade_arrives() {
-        let mut a = Aggregator::new(
-            &[spec()],
-            AggregatorConfig {
-                close_grace_ms: 250,
-            },
-        );
+        let mut a = Aggregator::new(&[spec()], AggregatorConfig { close_grace_ms: 250 });
         let mut closed = Vec::new();
         a.on_trade(&trade(1, T0 + 10, 100, 1, false), &mut |k| closed.push(*k));
         a.on_clock(T0 + 1_200, &mut |k| closed.push(*k));
@@ -421,23 +360,12 @@ mod tests {
         assert_eq!(closed.len(), 1);
         assert_eq!(closed[0].open_time, T0);
         let next = a.open_kline(0, Interval::S1).unwrap();
-        assert_eq!(
-            (
-                next.open_time,
-                next.trade_count,
-                next.open,
-                next.first_trade_id
-            ),
-            (T0 + 1_000, 0, 100, -1)
-        );
+        assert_eq!((next.open_time, next.trade_count, next.open, next.first_trade_id), (T0 + 1_000, 0, 100, -1));
         // Month, week, day, 3d and every shorter interval roll over at 2024-03-01T00:00Z.
         a.on_clock(T0 + 60_000 + 250, &mut |k| closed.push(*k));
         let intervals: std::collections::BTreeSet<_> = closed.iter().map(|k| k.interval).collect();
-        let expected: std::collections::BTreeSet<_> = Interval::ALL
-            .iter()
-            .filter(|i| !matches!(i, Interval::W1 | Interval::D3))
-            .map(|i| *i as u8)
-            .collect();
+        let expected: std::collections::BTreeSet<_> =
+            Interval::ALL.iter().filter(|i| !matches!(i, Interval::W1 | Interval::D3)).map(|i| *i as u8).collect();
         assert_eq!(intervals, expected);
     }
 
@@ -458,25 +386,13 @@ mod tests {
     fn late_trades_are_dropped_and_counted() {
         let mut a = Aggregator::new(&[spec()], AggregatorConfig::default());
         a.on_trade(&trade(1, T0 + 5_000, 100, 1, false), &mut |_| {});
-        assert_eq!(
-            a.on_trade(&trade(2, T0 + 4_999, 100, 1, false), &mut |_| {}),
-            TradeOutcome::Late
-        );
-        assert_eq!(
-            a.on_trade(&trade(3, T0 + 5_000, 100, 1, false), &mut |_| {}),
-            TradeOutcome::Accepted
-        );
+        assert_eq!(a.on_trade(&trade(2, T0 + 4_999, 100, 1, false), &mut |_| {}), TradeOutcome::Late);
+        assert_eq!(a.on_trade(&trade(3, T0 + 5_000, 100, 1, false), &mut |_| {}), TradeOutcome::Accepted);
         let mut unknown = trade(4, T0 + 5_000, 1, 1, false);
         unknown.symbol_id = 9;
-        assert_eq!(
-            a.on_trade(&unknown, &mut |_| {}),
-            TradeOutcome::UnknownSymbol
-        );
+        assert_eq!(a.on_trade(&unknown, &mut |_| {}), TradeOutcome::UnknownSymbol);
         let s = a.stats();
-        assert_eq!(
-            (s.trades, s.late_trades, s.unknown_symbol_trades),
-            (2, 1, 1)
-        );
+        assert_eq!((s.trades, s.late_trades, s.unknown_symbol_trades), (2, 1, 1));
     }
 
     #[test]
@@ -496,18 +412,17 @@ mod tests {
     }
 
     fn trades_strategy() -> impl Strategy<Value = Vec<Trade>> {
-        proptest::collection::vec((0i64..5_000, 1i64..1_000, 1i64..50, any::<bool>()), 1..120)
-            .prop_map(|steps| {
-                let mut t = T0 - 30_000;
-                steps
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, (gap, price, qty, m))| {
-                        t += gap;
-                        trade(i as i64 + 1, t, price, qty, m)
-                    })
-                    .collect()
-            })
+        proptest::collection::vec((0i64..5_000, 1i64..1_000, 1i64..50, any::<bool>()), 1..120).prop_map(|steps| {
+            let mut t = T0 - 30_000;
+            steps
+                .into_iter()
+                .enumerate()
+                .map(|(i, (gap, price, qty, m))| {
+                    t += gap;
+                    trade(i as i64 + 1, t, price, qty, m)
+                })
+                .collect()
+        })
     }
 
     proptest! {

@@ -80,9 +80,7 @@ pub struct BrokerReport {
 
 /// Nanoseconds since the Unix epoch.
 pub fn now_ns() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as i64)
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)
 }
 
 /// Frames accumulated for the next sample, with the stream's sequence numbers.
@@ -119,18 +117,14 @@ impl Batcher {
     fn trade(&mut self, t: &Trade) -> Result<(), BrokerRunError> {
         self.room_for(FrameKind::Trade)?;
         let h = self.data_header(FrameKind::Trade);
-        self.writer
-            .push_trade(h, t)
-            .map_err(|_| BrokerRunError::Encode(h.seq))?;
+        self.writer.push_trade(h, t).map_err(|_| BrokerRunError::Encode(h.seq))?;
         Ok(())
     }
 
     fn kline(&mut self, k: &Kline) -> Result<(), BrokerRunError> {
         self.room_for(FrameKind::Kline)?;
         let h = self.data_header(FrameKind::Kline);
-        self.writer
-            .push_kline(h, k)
-            .map_err(|_| BrokerRunError::Encode(h.seq))?;
+        self.writer.push_kline(h, k).map_err(|_| BrokerRunError::Encode(h.seq))?;
         Ok(())
     }
 
@@ -140,9 +134,7 @@ impl Batcher {
             ts_publish_ns: now_ns(),
             ..header(FrameKind::Heartbeat, REALTIME_STREAM_ID, self.next_seq - 1)
         };
-        self.writer
-            .push_heartbeat(h, hb)
-            .map_err(|_| BrokerRunError::Encode(h.seq))?;
+        self.writer.push_heartbeat(h, hb).map_err(|_| BrokerRunError::Encode(h.seq))?;
         self.report.heartbeats += 1;
         self.send()
     }
@@ -173,10 +165,7 @@ fn pin(core: Option<usize>) {
         Some(id) if core_affinity::set_for_current(id) => {
             tracing::info!(core, "broker thread pinned")
         }
-        _ => tracing::warn!(
-            core,
-            "cannot pin the broker thread to this core; running unpinned"
-        ),
+        _ => tracing::warn!(core, "cannot pin the broker thread to this core; running unpinned"),
     }
 }
 
@@ -186,21 +175,12 @@ pub fn run(config: &BrokerConfig, stop: &AtomicBool) -> Result<BrokerReport, Bro
     pin(config.core);
     let mut feed = SyntheticFeed::new(&config.feed)?;
     let specs = feed.specs();
-    let mut agg = Aggregator::new(
-        &specs,
-        AggregatorConfig {
-            close_grace_ms: config.close_grace_ms,
-        },
-    );
+    let mut agg = Aggregator::new(&specs, AggregatorConfig { close_grace_ms: config.close_grace_ms });
     let mut recorder = config.record.as_deref().map(Recorder::new).transpose()?;
 
     let node = BusNode::open(&config.bus, "broker")?;
     let publisher = node.publisher("realtime", config.stream)?;
-    tracing::info!(
-        service = publisher.service(),
-        symbols = specs.len(),
-        "broker publishing"
-    );
+    tracing::info!(service = publisher.service(), symbols = specs.len(), "broker publishing");
     let max = publisher.max_sample_bytes();
     let mut out = Batcher {
         publisher,
@@ -255,10 +235,7 @@ pub fn run(config: &BrokerConfig, stop: &AtomicBool) -> Result<BrokerReport, Bro
             ClockMode::Event => i64::MAX,
         };
         let mut n = 0;
-        while n < MAX_TRADES_PER_ROUND
-            && feed_state == FeedState::Live
-            && feed.peek_time_us() <= horizon_us
-        {
+        while n < MAX_TRADES_PER_ROUND && feed_state == FeedState::Live && feed.peek_time_us() <= horizon_us {
             let Some(mut t) = feed.next_trade() else {
                 feed_state = FeedState::Ended;
                 tracing::info!(trades = feed.produced(), "synthetic feed ended");
@@ -326,22 +303,16 @@ pub fn run(config: &BrokerConfig, stop: &AtomicBool) -> Result<BrokerReport, Bro
         if n == 0 {
             // Idle: sleep until the next trade is due, the next tick or the next heartbeat.
             let until_trade = match (feed_state, config.clock) {
-                (FeedState::Live, ClockMode::Wall) => Duration::from_micros(
-                    (feed.peek_time_us() + wall_offset_us - now_ns() / 1000).max(0) as u64,
-                ),
+                (FeedState::Live, ClockMode::Wall) => {
+                    Duration::from_micros((feed.peek_time_us() + wall_offset_us - now_ns() / 1000).max(0) as u64)
+                }
                 (FeedState::Live, ClockMode::Event) if config.speed > 0.0 => Duration::from_micros(
-                    ((feed.peek_time_us() - horizon_us) as f64 / config.speed).clamp(0.0, 1e9)
-                        as u64,
+                    ((feed.peek_time_us() - horizon_us) as f64 / config.speed).clamp(0.0, 1e9) as u64,
                 ),
                 _ => tick,
             };
             let until_hb = hb_every.saturating_sub(out.last_send.elapsed());
-            std::thread::sleep(
-                until_trade
-                    .min(tick)
-                    .min(until_hb)
-                    .max(Duration::from_micros(50)),
-            );
+            std::thread::sleep(until_trade.min(tick).min(until_hb).max(Duration::from_micros(50)));
         }
     }
 

@@ -31,15 +31,8 @@ pub struct RecordWriteError {
 impl Recorder {
     /// Creates `dir` if needed. Files are created on a symbol's first trade (truncating any old one).
     pub fn new(dir: &Path) -> Result<Recorder, RecordWriteError> {
-        std::fs::create_dir_all(dir).map_err(|source| RecordWriteError {
-            path: dir.to_owned(),
-            source,
-        })?;
-        Ok(Recorder {
-            dir: dir.to_owned(),
-            files: Vec::new(),
-            line: String::with_capacity(128),
-        })
+        std::fs::create_dir_all(dir).map_err(|source| RecordWriteError { path: dir.to_owned(), source })?;
+        Ok(Recorder { dir: dir.to_owned(), files: Vec::new(), line: String::with_capacity(128) })
     }
 
     /// The path of a symbol's file.
@@ -65,28 +58,17 @@ impl Recorder {
         t.qty_fixed().write_binance(&mut self.line);
         self.line.push(',');
         t.quote_qty().write_binance(&mut self.line);
-        let _ = writeln!(
-            self.line,
-            ",{},{},True",
-            t.time_us,
-            if t.is_buyer_maker { "True" } else { "False" }
-        );
+        let _ = writeln!(self.line, ",{},{},True", t.time_us, if t.is_buyer_maker { "True" } else { "False" });
         if let Some(w) = self.files[idx].as_mut() {
             w.write_all(self.line.as_bytes())
-                .map_err(|source| RecordWriteError {
-                    path: Self::path_for(&self.dir, &t.symbol),
-                    source,
-                })?;
+                .map_err(|source| RecordWriteError { path: Self::path_for(&self.dir, &t.symbol), source })?;
         }
         Ok(())
     }
 
     pub fn flush(&mut self) -> Result<(), RecordWriteError> {
         for w in self.files.iter_mut().flatten() {
-            w.flush().map_err(|source| RecordWriteError {
-                path: self.dir.clone(),
-                source,
-            })?;
+            w.flush().map_err(|source| RecordWriteError { path: self.dir.clone(), source })?;
         }
         Ok(())
     }

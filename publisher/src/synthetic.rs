@@ -97,10 +97,7 @@ impl SyntheticFeed {
         let mut rng = Xoshiro256PlusPlus::seed_from_u64(config.seed);
         let mut syms = Vec::with_capacity(config.symbols.len());
         for (i, name) in config.symbols.iter().enumerate() {
-            let symbol = Symbol::new(name).map_err(|source| SymbolNamesError {
-                name: name.clone(),
-                source,
-            })?;
+            let symbol = Symbol::new(name).map_err(|source| SymbolNamesError { name: name.clone(), source })?;
             let (price, ps, qs, lot) = match KNOWN.iter().find(|k| k.0 == symbol.as_str()) {
                 Some(k) => (k.1, k.2, k.3, k.4),
                 None => (rng.gen_range(0.5..500.0), 3, 2, 10.0),
@@ -108,11 +105,7 @@ impl SyntheticFeed {
             let unit = 10f64.powi(i32::from(ps));
             let qunit = 10f64.powi(i32::from(qs));
             syms.push(SymState {
-                spec: SymbolSpec {
-                    symbol,
-                    price_scale: ps,
-                    qty_scale: qs,
-                },
+                spec: SymbolSpec { symbol, price_scale: ps, qty_scale: qs },
                 price: (price * unit).round() as i64,
                 tick: 1,
                 lot_mean: (lot * qunit).max(1.0),
@@ -179,11 +172,7 @@ impl SyntheticFeed {
         let size: f64 = self.rng.gen();
         let s = &mut self.syms[i];
         // Sides come in runs: keep the last side with probability 0.7.
-        let buyer_maker = if flip < 0.7 {
-            s.last_side_buyer_maker
-        } else {
-            !s.last_side_buyer_maker
-        };
+        let buyer_maker = if flip < 0.7 { s.last_side_buyer_maker } else { !s.last_side_buyer_maker };
         s.last_side_buyer_maker = buyer_maker;
         // Aggressive sells tick down, aggressive buys tick up, with noise; never below one tick.
         let step = if walk < 0.55 {
@@ -196,11 +185,7 @@ impl SyntheticFeed {
         let dir = if buyer_maker { -1 } else { 1 };
         s.price = (s.price + dir * step * s.tick).max(s.tick);
         // Heavy tail: mostly around the mean, sometimes 20× it.
-        let mult = if size < 0.9 {
-            0.1 + size * 1.5
-        } else {
-            3.0 + (size - 0.9) * 200.0
-        };
+        let mult = if size < 0.9 { 0.1 + size * 1.5 } else { 3.0 + (size - 0.9) * 200.0 };
         let qty = ((s.lot_mean * mult).round() as i64).max(1);
         let t = Trade {
             symbol: s.spec.symbol,

@@ -38,10 +38,7 @@ impl Trade {
     }
     /// `price × qty`, exact, at scale `price_scale + qty_scale`.
     pub fn quote_qty(&self) -> Fixed {
-        Fixed::new(
-            i128::from(self.price) * i128::from(self.qty),
-            self.price_scale + self.qty_scale,
-        )
+        Fixed::new(i128::from(self.price) * i128::from(self.qty), self.price_scale + self.qty_scale)
     }
     pub fn time_ms(&self) -> i64 {
         self.time_us.div_euclid(1000)
@@ -98,15 +95,7 @@ pub struct Kline {
 impl Kline {
     /// A K-line opened by its first trade.
     pub fn open_with(interval: Interval, open_time: i64, t: &Trade) -> Kline {
-        let mut k = Kline::empty(
-            interval,
-            open_time,
-            t.symbol,
-            t.symbol_id,
-            t.price_scale,
-            t.qty_scale,
-            t.price,
-        );
+        let mut k = Kline::empty(interval, open_time, t.symbol, t.symbol_id, t.price_scale, t.qty_scale, t.price);
         k.add(t);
         k
     }

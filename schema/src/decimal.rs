@@ -87,10 +87,8 @@ impl Fixed {
                         }
                         frac_digits += 1;
                     }
-                    mantissa = mantissa
-                        .checked_mul(10)
-                        .and_then(|m| m.checked_add(d))
-                        .ok_or(DecimalParseError::Overflow)?;
+                    mantissa =
+                        mantissa.checked_mul(10).and_then(|m| m.checked_add(d)).ok_or(DecimalParseError::Overflow)?;
                 }
                 b'.' if !seen_dot => seen_dot = true,
                 _ => return Err(DecimalParseError::InvalidChar(i)),
@@ -99,13 +97,8 @@ impl Fixed {
         if !seen_digit {
             return Err(DecimalParseError::Empty);
         }
-        mantissa = mantissa
-            .checked_mul(pow10(scale - frac_digits))
-            .ok_or(DecimalParseError::Overflow)?;
-        Ok(Fixed {
-            mantissa: if neg { -mantissa } else { mantissa },
-            scale,
-        })
+        mantissa = mantissa.checked_mul(pow10(scale - frac_digits)).ok_or(DecimalParseError::Overflow)?;
+        Ok(Fixed { mantissa: if neg { -mantissa } else { mantissa }, scale })
     }
 
     /// Parses into an `i64` mantissa (prices and quantities on the wire).
@@ -217,29 +210,14 @@ mod tests {
 
     #[test]
     fn parse_refuses_rounding_and_garbage() {
-        assert_eq!(
-            Fixed::parse("1.234", 2),
-            Err(DecimalParseError::TooPrecise { scale: 2 })
-        );
+        assert_eq!(Fixed::parse("1.234", 2), Err(DecimalParseError::TooPrecise { scale: 2 }));
         assert_eq!(Fixed::parse("", 2), Err(DecimalParseError::Empty));
         assert_eq!(Fixed::parse("-", 2), Err(DecimalParseError::Empty));
-        assert_eq!(
-            Fixed::parse("1.2.3", 2),
-            Err(DecimalParseError::InvalidChar(3))
-        );
-        assert_eq!(
-            Fixed::parse("1e5", 2),
-            Err(DecimalParseError::InvalidChar(1))
-        );
+        assert_eq!(Fixed::parse("1.2.3", 2), Err(DecimalParseError::InvalidChar(3)));
+        assert_eq!(Fixed::parse("1e5", 2), Err(DecimalParseError::InvalidChar(1)));
         assert_eq!(Fixed::parse("1", 19), Err(DecimalParseError::BadScale(19)));
-        assert_eq!(
-            Fixed::parse("99999999999999999999999999999999999999999", 0),
-            Err(DecimalParseError::Overflow)
-        );
-        assert_eq!(
-            Fixed::parse_i64("99999999999999999999", 0),
-            Err(DecimalParseError::Overflow)
-        );
+        assert_eq!(Fixed::parse("99999999999999999999999999999999999999999", 0), Err(DecimalParseError::Overflow));
+        assert_eq!(Fixed::parse_i64("99999999999999999999", 0), Err(DecimalParseError::Overflow));
     }
 
     #[test]

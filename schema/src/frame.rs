@@ -25,9 +25,7 @@
 use rkyv::rancor::Failure;
 use rkyv::util::AlignedVec;
 
-use crate::body::{
-    ArchivedHeartbeat, ArchivedKline, ArchivedTrade, FeedState, Heartbeat, Kline, Trade,
-};
+use crate::body::{ArchivedHeartbeat, ArchivedKline, ArchivedTrade, FeedState, Heartbeat, Kline, Trade};
 use crate::decimal::MAX_SCALE;
 use crate::interval::Interval;
 use crate::Seq;
@@ -99,20 +97,10 @@ pub enum FrameDecodeError {
     UnsupportedVersion { offset: usize, found: u16 },
     #[error("frame at byte {offset}: unknown kind {kind}")]
     UnknownKind { offset: usize, kind: u8 },
-    #[error(
-        "frame at byte {offset}: body of {body_len} bytes runs past the end ({available} left)"
-    )]
-    Truncated {
-        offset: usize,
-        body_len: u32,
-        available: usize,
-    },
+    #[error("frame at byte {offset}: body of {body_len} bytes runs past the end ({available} left)")]
+    Truncated { offset: usize, body_len: u32, available: usize },
     #[error("frame seq {seq}: expected a {expected:?} body, found {found:?}")]
-    WrongKind {
-        seq: Seq,
-        expected: FrameKind,
-        found: FrameKind,
-    },
+    WrongKind { seq: Seq, expected: FrameKind, found: FrameKind },
     #[error("frame seq {seq}: {kind:?} body failed validation")]
     InvalidBody { seq: Seq, kind: FrameKind },
     #[error("frame seq {seq}: invalid field `{field}`")]
@@ -166,37 +154,21 @@ impl FrameHeader {
     /// Decodes and checks the header at the start of `bytes` (`offset` is only for errors).
     pub fn decode(bytes: &[u8], offset: usize) -> Result<FrameHeader, FrameDecodeError> {
         if bytes.len() < FRAME_HEADER_LEN {
-            return Err(FrameDecodeError::TooShort {
-                offset,
-                len: bytes.len(),
-            });
+            return Err(FrameDecodeError::TooShort { offset, len: bytes.len() });
         }
         let magic = read_u32(bytes, 0);
         if magic != FRAME_MAGIC {
-            return Err(FrameDecodeError::BadMagic {
-                offset,
-                found: magic,
-            });
+            return Err(FrameDecodeError::BadMagic { offset, found: magic });
         }
         let version = read_u16(bytes, 4);
         if version != SCHEMA_VERSION {
-            return Err(FrameDecodeError::UnsupportedVersion {
-                offset,
-                found: version,
-            });
+            return Err(FrameDecodeError::UnsupportedVersion { offset, found: version });
         }
-        let kind = FrameKind::from_u8(bytes[6]).ok_or(FrameDecodeError::UnknownKind {
-            offset,
-            kind: bytes[6],
-        })?;
+        let kind = FrameKind::from_u8(bytes[6]).ok_or(FrameDecodeError::UnknownKind { offset, kind: bytes[6] })?;
         let body_len = read_u32(bytes, 8);
         let available = bytes.len() - FRAME_HEADER_LEN;
         if body_len > MAX_BODY_LEN || body_len as usize > available {
-            return Err(FrameDecodeError::Truncated {
-                offset,
-                body_len,
-                available,
-            });
+            return Err(FrameDecodeError::Truncated { offset, body_len, available });
         }
         Ok(FrameHeader {
             kind,
@@ -226,10 +198,7 @@ pub struct FrameRef<'a> {
 
 fn valid_scales(seq: Seq, price: u8, qty: u8) -> Result<(), FrameDecodeError> {
     if price > MAX_SCALE || qty > MAX_SCALE {
-        return Err(FrameDecodeError::InvalidField {
-            seq,
-            field: "scale",
-        });
+        return Err(FrameDecodeError::InvalidField { seq, field: "scale" });
     }
     Ok(())
 }
@@ -244,11 +213,7 @@ impl<'a> FrameRef<'a> {
         let header = FrameHeader::decode(bytes, offset)?;
         let body = &bytes[FRAME_HEADER_LEN..FRAME_HEADER_LEN + header.body_len as usize];
         let raw_len = header.frame_len().min(bytes.len());
-        Ok(FrameRef {
-            header,
-            body,
-            raw: &bytes[..raw_len],
-        })
+        Ok(FrameRef { header, body, raw: &bytes[..raw_len] })
     }
 
     pub fn kind(&self) -> FrameKind {
@@ -268,11 +233,7 @@ impl<'a> FrameRef<'a> {
 
     fn expect(&self, kind: FrameKind) -> Result<(), FrameDecodeError> {
         if self.header.kind != kind {
-            return Err(FrameDecodeError::WrongKind {
-                seq: self.header.seq,
-                expected: kind,
-                found: self.header.kind,
-            });
+            return Err(FrameDecodeError::WrongKind { seq: self.header.seq, expected: kind, found: self.header.kind });
         }
         Ok(())
     }
@@ -284,9 +245,7 @@ impl<'a> FrameRef<'a> {
         const AT: usize = std::mem::offset_of!(ArchivedKline, symbol);
         const _: () = assert!(AT == std::mem::offset_of!(ArchivedTrade, symbol));
         match self.header.kind {
-            FrameKind::Trade | FrameKind::Kline => {
-                self.body.get(AT..AT + crate::symbol::SYMBOL_MAX_LEN)
-            }
+            FrameKind::Trade | FrameKind::Kline => self.body.get(AT..AT + crate::symbol::SYMBOL_MAX_LEN),
             FrameKind::Heartbeat => None,
         }
     }
@@ -304,18 +263,9 @@ impl<'a> FrameRef<'a> {
     pub fn trade(&self) -> Result<&'a ArchivedTrade, FrameDecodeError> {
         self.expect(FrameKind::Trade)?;
         let seq = self.header.seq;
-        let t = rkyv::api::low::access::<ArchivedTrade, Failure>(self.body).map_err(|_| {
-            FrameDecodeError::InvalidBody {
-                seq,
-                kind: FrameKind::Trade,
-            }
-        })?;
-        t.symbol
-            .to_symbol()
-            .map_err(|_| FrameDecodeError::InvalidField {
-                seq,
-                field: "symbol",
-            })?;
+        let t = rkyv::api::low::access::<ArchivedTrade, Failure>(self.body)
+            .map_err(|_| FrameDecodeError::InvalidBody { seq, kind: FrameKind::Trade })?;
+        t.symbol.to_symbol().map_err(|_| FrameDecodeError::InvalidField { seq, field: "symbol" })?;
         valid_scales(seq, t.price_scale, t.qty_scale)?;
         Ok(t)
     }
@@ -324,23 +274,11 @@ impl<'a> FrameRef<'a> {
     pub fn kline(&self) -> Result<&'a ArchivedKline, FrameDecodeError> {
         self.expect(FrameKind::Kline)?;
         let seq = self.header.seq;
-        let k = rkyv::api::low::access::<ArchivedKline, Failure>(self.body).map_err(|_| {
-            FrameDecodeError::InvalidBody {
-                seq,
-                kind: FrameKind::Kline,
-            }
-        })?;
-        k.symbol
-            .to_symbol()
-            .map_err(|_| FrameDecodeError::InvalidField {
-                seq,
-                field: "symbol",
-            })?;
+        let k = rkyv::api::low::access::<ArchivedKline, Failure>(self.body)
+            .map_err(|_| FrameDecodeError::InvalidBody { seq, kind: FrameKind::Kline })?;
+        k.symbol.to_symbol().map_err(|_| FrameDecodeError::InvalidField { seq, field: "symbol" })?;
         if Interval::from_u8(k.interval).is_none() {
-            return Err(FrameDecodeError::InvalidField {
-                seq,
-                field: "interval",
-            });
+            return Err(FrameDecodeError::InvalidField { seq, field: "interval" });
         }
         valid_scales(seq, k.price_scale, k.qty_scale)?;
         Ok(k)
@@ -350,17 +288,10 @@ impl<'a> FrameRef<'a> {
     pub fn heartbeat(&self) -> Result<&'a ArchivedHeartbeat, FrameDecodeError> {
         self.expect(FrameKind::Heartbeat)?;
         let seq = self.header.seq;
-        let h = rkyv::api::low::access::<ArchivedHeartbeat, Failure>(self.body).map_err(|_| {
-            FrameDecodeError::InvalidBody {
-                seq,
-                kind: FrameKind::Heartbeat,
-            }
-        })?;
+        let h = rkyv::api::low::access::<ArchivedHeartbeat, Failure>(self.body)
+            .map_err(|_| FrameDecodeError::InvalidBody { seq, kind: FrameKind::Heartbeat })?;
         if FeedState::from_u8(h.feed_state).is_none() {
-            return Err(FrameDecodeError::InvalidField {
-                seq,
-                field: "feed_state",
-            });
+            return Err(FrameDecodeError::InvalidField { seq, field: "feed_state" });
         }
         Ok(h)
     }
@@ -369,11 +300,7 @@ impl<'a> FrameRef<'a> {
     pub fn to_owned_body(&self) -> Result<Body, FrameDecodeError> {
         let mut aligned: AlignedVec<FRAME_ALIGN> = AlignedVec::with_capacity(self.body.len());
         aligned.extend_from_slice(self.body);
-        let copy = FrameRef {
-            header: self.header,
-            body: &aligned,
-            raw: &aligned,
-        };
+        let copy = FrameRef { header: self.header, body: &aligned, raw: &aligned };
         let seq = self.header.seq;
         let de = |kind| FrameDecodeError::InvalidBody { seq, kind };
         Ok(match self.header.kind {
@@ -412,11 +339,7 @@ pub struct FrameIter<'a> {
 
 impl<'a> FrameIter<'a> {
     pub fn new(bytes: &'a [u8]) -> Self {
-        FrameIter {
-            bytes,
-            offset: 0,
-            failed: false,
-        }
+        FrameIter { bytes, offset: 0, failed: false }
     }
 }
 
@@ -448,10 +371,7 @@ pub struct FrameWriter {
 
 impl FrameWriter {
     pub fn with_capacity(bytes: usize) -> Self {
-        FrameWriter {
-            buf: AlignedVec::with_capacity(bytes),
-            frames: 0,
-        }
+        FrameWriter { buf: AlignedVec::with_capacity(bytes), frames: 0 }
     }
 
     pub fn as_bytes(&self) -> &[u8] {
@@ -471,11 +391,7 @@ impl FrameWriter {
         self.frames = 0;
     }
 
-    fn push_with<F>(
-        &mut self,
-        mut header: FrameHeader,
-        serialize: F,
-    ) -> Result<usize, FrameEncodeError>
+    fn push_with<F>(&mut self, mut header: FrameHeader, serialize: F) -> Result<usize, FrameEncodeError>
     where
         F: FnOnce(&mut AlignedVec<FRAME_ALIGN>) -> Result<(), Failure>,
     {
@@ -495,69 +411,27 @@ impl FrameWriter {
     }
 
     /// Appends a trade frame; returns the bytes it took.
-    pub fn push_trade(
-        &mut self,
-        header: FrameHeader,
-        t: &Trade,
-    ) -> Result<usize, FrameEncodeError> {
-        self.push_with(
-            FrameHeader {
-                kind: FrameKind::Trade,
-                ..header
-            },
-            |w| {
-                rkyv::api::low::to_bytes_in_with_alloc::<_, _, Failure>(
-                    t,
-                    w,
-                    rkyv::ser::allocator::SubAllocator::empty(),
-                )
+    pub fn push_trade(&mut self, header: FrameHeader, t: &Trade) -> Result<usize, FrameEncodeError> {
+        self.push_with(FrameHeader { kind: FrameKind::Trade, ..header }, |w| {
+            rkyv::api::low::to_bytes_in_with_alloc::<_, _, Failure>(t, w, rkyv::ser::allocator::SubAllocator::empty())
                 .map(|_| ())
-            },
-        )
+        })
     }
 
     /// Appends a K-line frame; returns the bytes it took.
-    pub fn push_kline(
-        &mut self,
-        header: FrameHeader,
-        k: &Kline,
-    ) -> Result<usize, FrameEncodeError> {
-        self.push_with(
-            FrameHeader {
-                kind: FrameKind::Kline,
-                ..header
-            },
-            |w| {
-                rkyv::api::low::to_bytes_in_with_alloc::<_, _, Failure>(
-                    k,
-                    w,
-                    rkyv::ser::allocator::SubAllocator::empty(),
-                )
+    pub fn push_kline(&mut self, header: FrameHeader, k: &Kline) -> Result<usize, FrameEncodeError> {
+        self.push_with(FrameHeader { kind: FrameKind::Kline, ..header }, |w| {
+            rkyv::api::low::to_bytes_in_with_alloc::<_, _, Failure>(k, w, rkyv::ser::allocator::SubAllocator::empty())
                 .map(|_| ())
-            },
-        )
+        })
     }
 
     /// Appends a heartbeat frame; returns the bytes it took.
-    pub fn push_heartbeat(
-        &mut self,
-        header: FrameHeader,
-        h: &Heartbeat,
-    ) -> Result<usize, FrameEncodeError> {
-        self.push_with(
-            FrameHeader {
-                kind: FrameKind::Heartbeat,
-                ..header
-            },
-            |w| {
-                rkyv::api::low::to_bytes_in_with_alloc::<_, _, Failure>(
-                    h,
-                    w,
-                    rkyv::ser::allocator::SubAllocator::empty(),
-                )
+    pub fn push_heartbeat(&mut self, header: FrameHeader, h: &Heartbeat) -> Result<usize, FrameEncodeError> {
+        self.push_with(FrameHeader { kind: FrameKind::Heartbeat, ..header }, |w| {
+            rkyv::api::low::to_bytes_in_with_alloc::<_, _, Failure>(h, w, rkyv::ser::allocator::SubAllocator::empty())
                 .map(|_| ())
-            },
-        )
+        })
     }
 }
 
@@ -573,14 +447,5 @@ pub fn encoded_frame_len(kind: FrameKind) -> usize {
 
 /// A default header for `kind` with the given seq; times zero.
 pub fn header(kind: FrameKind, stream_id: u32, seq: Seq) -> FrameHeader {
-    FrameHeader {
-        kind,
-        flags: 0,
-        body_len: 0,
-        stream_id,
-        seq,
-        ts_event_ns: 0,
-        ts_recv_ns: 0,
-        ts_publish_ns: 0,
-    }
+    FrameHeader { kind, flags: 0, body_len: 0, stream_id, seq, ts_event_ns: 0, ts_recv_ns: 0, ts_publish_ns: 0 }
 }

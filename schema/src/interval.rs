@@ -43,9 +43,7 @@ pub enum Interval {
 
 /// The interval name is not one of Binance's 16.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "unknown interval {0:?} (expected one of 1s 1m 3m 5m 15m 30m 1h 2h 4h 6h 8h 12h 1d 3d 1w 1M)"
-)]
+#[error("unknown interval {0:?} (expected one of 1s 1m 3m 5m 15m 30m 1h 2h 4h 6h 8h 12h 1d 3d 1w 1M)")]
 pub struct IntervalParseError(pub String);
 
 impl Interval {
@@ -130,9 +128,7 @@ impl Interval {
     /// Open time (ms) of the bucket containing `ts_ms`.
     pub fn open_time(self, ts_ms: i64) -> i64 {
         match self {
-            Interval::W1 => {
-                (ts_ms - FIRST_MONDAY_MS).div_euclid(WEEK_MS) * WEEK_MS + FIRST_MONDAY_MS
-            }
+            Interval::W1 => (ts_ms - FIRST_MONDAY_MS).div_euclid(WEEK_MS) * WEEK_MS + FIRST_MONDAY_MS,
             Interval::Mo1 => {
                 let (y, m, _) = civil_from_days(ts_ms.div_euclid(DAY_MS));
                 days_from_civil(y, m, 1) * DAY_MS
@@ -172,11 +168,7 @@ impl fmt::Display for Interval {
 impl FromStr for Interval {
     type Err = IntervalParseError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Interval::ALL
-            .iter()
-            .copied()
-            .find(|i| i.as_str() == s)
-            .ok_or_else(|| IntervalParseError(s.to_owned()))
+        Interval::ALL.iter().copied().find(|i| i.as_str() == s).ok_or_else(|| IntervalParseError(s.to_owned()))
     }
 }
 
@@ -213,9 +205,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn ms(y: i32, mo: u32, d: u32, h: u32, mi: u32, s: u32) -> i64 {
-        Utc.with_ymd_and_hms(y, mo, d, h, mi, s)
-            .unwrap()
-            .timestamp_millis()
+        Utc.with_ymd_and_hms(y, mo, d, h, mi, s).unwrap().timestamp_millis()
     }
 
     #[test]
@@ -247,10 +237,7 @@ mod tests {
         assert_eq!(Interval::H8.open_time(t), ms(2024, 3, 15, 8, 0, 0));
         assert_eq!(Interval::H12.open_time(t), ms(2024, 3, 15, 12, 0, 0));
         assert_eq!(Interval::D1.open_time(t), ms(2024, 3, 15, 0, 0, 0));
-        assert_eq!(
-            Interval::M1.close_time(ms(2024, 3, 15, 13, 47, 0)),
-            ms(2024, 3, 15, 13, 48, 0) - 1
-        );
+        assert_eq!(Interval::M1.close_time(ms(2024, 3, 15, 13, 47, 0)), ms(2024, 3, 15, 13, 48, 0) - 1);
     }
 
     #[test]
@@ -259,66 +246,30 @@ mod tests {
         assert_eq!(days_from_civil(2024, 2, 29), 19_782);
         let t = ms(2024, 3, 2, 23, 59, 59);
         assert_eq!(Interval::D3.open_time(t), ms(2024, 2, 29, 0, 0, 0));
-        assert_eq!(
-            Interval::D3.open_time(ms(2024, 3, 3, 0, 0, 0)),
-            ms(2024, 3, 3, 0, 0, 0)
-        );
+        assert_eq!(Interval::D3.open_time(ms(2024, 3, 3, 0, 0, 0)), ms(2024, 3, 3, 0, 0, 0));
         assert_eq!(Interval::D3.open_time(0), 0);
     }
 
     #[test]
     fn weeks_start_monday_midnight_utc() {
         // 2024-03-17 is a Sunday; its week opened Monday 2024-03-11.
-        assert_eq!(
-            Interval::W1.open_time(ms(2024, 3, 17, 23, 59, 59) + 999),
-            ms(2024, 3, 11, 0, 0, 0)
-        );
-        assert_eq!(
-            Interval::W1.open_time(ms(2024, 3, 18, 0, 0, 0)),
-            ms(2024, 3, 18, 0, 0, 0)
-        );
+        assert_eq!(Interval::W1.open_time(ms(2024, 3, 17, 23, 59, 59) + 999), ms(2024, 3, 11, 0, 0, 0));
+        assert_eq!(Interval::W1.open_time(ms(2024, 3, 18, 0, 0, 0)), ms(2024, 3, 18, 0, 0, 0));
         // Before the first Monday after the epoch (1970-01-01 was a Thursday).
         assert_eq!(Interval::W1.open_time(0), ms(1969, 12, 29, 0, 0, 0));
-        assert_eq!(
-            Interval::W1.close_time(ms(2024, 3, 11, 0, 0, 0)),
-            ms(2024, 3, 18, 0, 0, 0) - 1
-        );
+        assert_eq!(Interval::W1.close_time(ms(2024, 3, 11, 0, 0, 0)), ms(2024, 3, 18, 0, 0, 0) - 1);
     }
 
     #[test]
     fn months_follow_the_calendar_across_february_and_leap_years() {
-        assert_eq!(
-            Interval::Mo1.open_time(ms(2024, 2, 29, 12, 0, 0)),
-            ms(2024, 2, 1, 0, 0, 0)
-        );
-        assert_eq!(
-            Interval::Mo1.close_time(ms(2024, 2, 1, 0, 0, 0)),
-            ms(2024, 3, 1, 0, 0, 0) - 1
-        );
-        assert_eq!(
-            Interval::Mo1.close_time(ms(2023, 2, 1, 0, 0, 0)),
-            ms(2023, 3, 1, 0, 0, 0) - 1
-        );
-        assert_eq!(
-            Interval::Mo1.next_open(ms(2023, 12, 1, 0, 0, 0)),
-            ms(2024, 1, 1, 0, 0, 0)
-        );
-        assert_eq!(
-            Interval::Mo1.next_open(ms(2100, 2, 1, 0, 0, 0)),
-            ms(2100, 3, 1, 0, 0, 0)
-        );
-        assert_eq!(
-            Interval::Mo1.next_open(ms(2000, 2, 1, 0, 0, 0)),
-            ms(2000, 3, 1, 0, 0, 0)
-        );
-        assert_eq!(
-            Interval::Mo1.open_time(ms(2024, 3, 1, 0, 0, 0) - 1),
-            ms(2024, 2, 1, 0, 0, 0)
-        );
-        assert_eq!(
-            Interval::Mo1.open_time(ms(2024, 12, 31, 23, 59, 59)),
-            ms(2024, 12, 1, 0, 0, 0)
-        );
+        assert_eq!(Interval::Mo1.open_time(ms(2024, 2, 29, 12, 0, 0)), ms(2024, 2, 1, 0, 0, 0));
+        assert_eq!(Interval::Mo1.close_time(ms(2024, 2, 1, 0, 0, 0)), ms(2024, 3, 1, 0, 0, 0) - 1);
+        assert_eq!(Interval::Mo1.close_time(ms(2023, 2, 1, 0, 0, 0)), ms(2023, 3, 1, 0, 0, 0) - 1);
+        assert_eq!(Interval::Mo1.next_open(ms(2023, 12, 1, 0, 0, 0)), ms(2024, 1, 1, 0, 0, 0));
+        assert_eq!(Interval::Mo1.next_open(ms(2100, 2, 1, 0, 0, 0)), ms(2100, 3, 1, 0, 0, 0));
+        assert_eq!(Interval::Mo1.next_open(ms(2000, 2, 1, 0, 0, 0)), ms(2000, 3, 1, 0, 0, 0));
+        assert_eq!(Interval::Mo1.open_time(ms(2024, 3, 1, 0, 0, 0) - 1), ms(2024, 2, 1, 0, 0, 0));
+        assert_eq!(Interval::Mo1.open_time(ms(2024, 12, 31, 23, 59, 59)), ms(2024, 12, 1, 0, 0, 0));
     }
 
     proptest! {

@@ -22,8 +22,7 @@ fn push_decimal(out: &mut String, mantissa: i128, scale: u8) {
 
 fn symbol_str(raw: &crate::symbol::ArchivedSymbol) -> Symbol {
     // Validated by FrameRef::{trade,kline} before we get here; an invalid one renders as "?".
-    raw.to_symbol()
-        .unwrap_or_else(|_| Symbol::new("INVALID").unwrap_or_else(|_| unreachable!()))
+    raw.to_symbol().unwrap_or_else(|_| Symbol::new("INVALID").unwrap_or_else(|_| unreachable!()))
 }
 
 /// Writes Binance's kline object (`{"t":…,"B":"0"}`) for an archived K-line.
@@ -51,12 +50,7 @@ pub fn write_kline_object(out: &mut String, k: &ArchivedKline) {
     push_decimal(out, i128::from(k.low.to_native()), ps);
     out.push_str(",\"v\":");
     push_decimal(out, k.volume.to_native(), qs);
-    let _ = write!(
-        out,
-        ",\"n\":{},\"x\":{},\"q\":",
-        k.trade_count.to_native(),
-        k.closed
-    );
+    let _ = write!(out, ",\"n\":{},\"x\":{},\"q\":", k.trade_count.to_native(), k.closed);
     push_decimal(out, k.quote_volume.to_native(), ps + qs);
     out.push_str(",\"V\":");
     push_decimal(out, k.taker_buy_volume.to_native(), qs);
@@ -68,21 +62,11 @@ pub fn write_kline_object(out: &mut String, k: &ArchivedKline) {
 /// Writes Binance's trade fields (`"s":…,"t":…,"p":…,"q":…,"T":…,"m":…`) without braces.
 pub fn write_trade_fields(out: &mut String, t: &ArchivedTrade) {
     let sym = symbol_str(&t.symbol);
-    let _ = write!(
-        out,
-        "\"s\":\"{}\",\"t\":{},\"p\":",
-        sym.as_str(),
-        t.trade_id.to_native()
-    );
+    let _ = write!(out, "\"s\":\"{}\",\"t\":{},\"p\":", sym.as_str(), t.trade_id.to_native());
     push_decimal(out, i128::from(t.price.to_native()), t.price_scale);
     out.push_str(",\"q\":");
     push_decimal(out, i128::from(t.qty.to_native()), t.qty_scale);
-    let _ = write!(
-        out,
-        ",\"T\":{},\"m\":{}",
-        t.time_us.to_native().div_euclid(1000),
-        t.is_buyer_maker
-    );
+    let _ = write!(out, ",\"T\":{},\"m\":{}", t.time_us.to_native().div_euclid(1000), t.is_buyer_maker);
 }
 
 fn write_heartbeat_fields(out: &mut String, h: &ArchivedHeartbeat) {
@@ -102,13 +86,7 @@ pub fn write_frame_line(out: &mut String, frame: &FrameRef<'_>) -> Result<(), Fr
     let h = frame.header;
     let e_ms = h.ts_publish_ns.div_euclid(1_000_000);
     let start = out.len();
-    let _ = write!(
-        out,
-        "{{\"seq\":{},\"kind\":\"{}\",\"E\":{},",
-        h.seq,
-        h.kind.as_str(),
-        e_ms
-    );
+    let _ = write!(out, "{{\"seq\":{},\"kind\":\"{}\",\"E\":{},", h.seq, h.kind.as_str(), e_ms);
     let res = match h.kind {
         FrameKind::Kline => frame.kline().map(|k| {
             let _ = write!(out, "\"s\":\"{}\",\"k\":", symbol_str(&k.symbol).as_str());

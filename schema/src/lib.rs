@@ -21,13 +21,11 @@ pub mod json;
 pub mod service;
 pub mod symbol;
 
-pub use body::{
-    ArchivedHeartbeat, ArchivedKline, ArchivedTrade, FeedState, Heartbeat, Kline, Trade,
-};
+pub use body::{ArchivedHeartbeat, ArchivedKline, ArchivedTrade, FeedState, Heartbeat, Kline, Trade};
 pub use decimal::{DecimalParseError, Fixed};
 pub use frame::{
-    FrameDecodeError, FrameEncodeError, FrameHeader, FrameIter, FrameKind, FrameRef, FrameWriter,
-    FRAME_ALIGN, FRAME_HEADER_LEN, FRAME_MAGIC, SCHEMA_VERSION,
+    FrameDecodeError, FrameEncodeError, FrameHeader, FrameIter, FrameKind, FrameRef, FrameWriter, FRAME_ALIGN,
+    FRAME_HEADER_LEN, FRAME_MAGIC, SCHEMA_VERSION,
 };
 pub use interval::{Interval, IntervalParseError};
 pub use symbol::{Symbol, SymbolError};

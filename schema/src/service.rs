@@ -30,13 +30,8 @@ pub fn validate_bus_name(bus: &str) -> Result<(), String> {
     if bus.is_empty() || bus.len() > 64 {
         return Err(format!("bus name {bus:?} must be 1-64 characters"));
     }
-    if let Some(c) = bus
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-'))
-    {
-        return Err(format!(
-            "bus name {bus:?} contains {c:?}; use letters, digits, '_' or '-'"
-        ));
+    if let Some(c) = bus.chars().find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-')) {
+        return Err(format!("bus name {bus:?} contains {c:?}; use letters, digits, '_' or '-'"));
     }
     Ok(())
 }

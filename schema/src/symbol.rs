@@ -20,18 +20,7 @@ pub enum SymbolError {
 }
 
 /// A validated symbol name, e.g. `BTCUSDT`.
-#[derive(
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    rkyv::Archive,
-    rkyv::Serialize,
-    rkyv::Deserialize,
-)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 #[rkyv(derive(Debug, PartialEq, Eq))]
 pub struct Symbol {
     bytes: [u8; SYMBOL_MAX_LEN],
@@ -65,11 +54,7 @@ impl Symbol {
             return Err(SymbolError::Empty);
         }
         for (i, &c) in bytes.iter().enumerate() {
-            let ok = if i < len {
-                c.is_ascii_uppercase() || c.is_ascii_digit()
-            } else {
-                c == 0
-            };
+            let ok = if i < len { c.is_ascii_uppercase() || c.is_ascii_digit() } else { c == 0 };
             if !ok {
                 return Err(SymbolError::InvalidByte(i));
             }
@@ -78,11 +63,7 @@ impl Symbol {
     }
 
     pub fn as_str(&self) -> &str {
-        let len = self
-            .bytes
-            .iter()
-            .position(|&b| b == 0)
-            .unwrap_or(SYMBOL_MAX_LEN);
+        let len = self.bytes.iter().position(|&b| b == 0).unwrap_or(SYMBOL_MAX_LEN);
         // Invariant: constructors admit only ASCII, so any prefix is valid UTF-8.
         std::str::from_utf8(&self.bytes[..len]).unwrap_or("")
     }

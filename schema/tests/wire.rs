@@ -3,8 +3,8 @@
 use mdbus_schema::frame::{encoded_frame_len, header};
 use mdbus_schema::json::write_frame_line;
 use mdbus_schema::{
-    FeedState, FrameDecodeError, FrameHeader, FrameIter, FrameKind, FrameRef, FrameWriter,
-    Heartbeat, Interval, Kline, Symbol, Trade, FRAME_HEADER_LEN, SCHEMA_VERSION,
+    FeedState, FrameDecodeError, FrameHeader, FrameIter, FrameKind, FrameRef, FrameWriter, Heartbeat, Interval, Kline,
+    Symbol, Trade, FRAME_HEADER_LEN, SCHEMA_VERSION,
 };
 use proptest::prelude::*;
 
@@ -25,13 +25,7 @@ fn trade() -> Trade {
 fn kline() -> Kline {
     let t = trade();
     let mut k = Kline::open_with(Interval::M1, Interval::M1.open_time(t.time_ms()), &t);
-    k.add(&Trade {
-        trade_id: t.trade_id + 1,
-        price: 8_723_500,
-        qty: 7,
-        is_buyer_maker: false,
-        ..t
-    });
+    k.add(&Trade { trade_id: t.trade_id + 1, price: 8_723_500, qty: 7, is_buyer_maker: false, ..t });
     k.closed = true;
     k
 }
@@ -59,8 +53,7 @@ fn encoded() -> FrameWriter {
     let mut w = FrameWriter::with_capacity(1024);
     w.push_trade(hdr(FrameKind::Trade, 7), &trade()).unwrap();
     w.push_kline(hdr(FrameKind::Kline, 8), &kline()).unwrap();
-    w.push_heartbeat(hdr(FrameKind::Heartbeat, 8), &heartbeat())
-        .unwrap();
+    w.push_heartbeat(hdr(FrameKind::Heartbeat, 8), &heartbeat()).unwrap();
     w
 }
 
@@ -77,10 +70,7 @@ const GOLDEN: &str = concat!(
 
 #[test]
 fn golden_bytes_pin_the_wire_layout() {
-    assert_eq!(
-        SCHEMA_VERSION, 1,
-        "layout changed: update GOLDEN together with the version"
-    );
+    assert_eq!(SCHEMA_VERSION, 1, "layout changed: update GOLDEN together with the version");
     let got = hex(encoded().as_bytes());
     assert_eq!(got, GOLDEN);
 }
@@ -95,17 +85,9 @@ fn frames_round_trip_through_the_iterator() {
             + encoded_frame_len(FrameKind::Kline)
             + encoded_frame_len(FrameKind::Heartbeat)
     );
-    let frames: Vec<_> = FrameIter::new(w.as_bytes())
-        .collect::<Result<_, _>>()
-        .unwrap();
+    let frames: Vec<_> = FrameIter::new(w.as_bytes()).collect::<Result<_, _>>().unwrap();
     assert_eq!(frames.len(), 3);
-    assert_eq!(
-        frames[0].header,
-        FrameHeader {
-            body_len: frames[0].header.body_len,
-            ..hdr(FrameKind::Trade, 7)
-        }
-    );
+    assert_eq!(frames[0].header, FrameHeader { body_len: frames[0].header.body_len, ..hdr(FrameKind::Trade, 7) });
     let t = frames[0].trade().unwrap();
     assert_eq!(t.price.to_native(), 8_723_201);
     assert!(t.is_buyer_maker);
@@ -115,14 +97,8 @@ fn frames_round_trip_through_the_iterator() {
     assert_eq!(k.taker_buy_volume.to_native(), 7);
     assert!(k.closed);
     assert_eq!(frames[2].heartbeat().unwrap().last_seq.to_native(), 99);
-    assert!(matches!(
-        frames[1].trade(),
-        Err(FrameDecodeError::WrongKind { .. })
-    ));
-    assert_eq!(
-        frames[1].to_owned_body().unwrap(),
-        mdbus_schema::frame::Body::Kline(kline())
-    );
+    assert!(matches!(frames[1].trade(), Err(FrameDecodeError::WrongKind { .. })));
+    assert_eq!(frames[1].to_owned_body().unwrap(), mdbus_schema::frame::Body::Kline(kline()));
 }
 
 #[test]
@@ -192,25 +168,13 @@ fn a_wrong_version_or_magic_or_kind_is_refused() {
     let w = encoded();
     let mut b = aligned(w.as_bytes());
     b[4] = 2;
-    assert_eq!(
-        decode_all(&b),
-        Err(FrameDecodeError::UnsupportedVersion {
-            offset: 0,
-            found: 2
-        })
-    );
+    assert_eq!(decode_all(&b), Err(FrameDecodeError::UnsupportedVersion { offset: 0, found: 2 }));
     let mut b = aligned(w.as_bytes());
     b[0] = b'X';
-    assert!(matches!(
-        decode_all(&b),
-        Err(FrameDecodeError::BadMagic { offset: 0, .. })
-    ));
+    assert!(matches!(decode_all(&b), Err(FrameDecodeError::BadMagic { offset: 0, .. })));
     let mut b = aligned(w.as_bytes());
     b[6] = 9;
-    assert_eq!(
-        decode_all(&b),
-        Err(FrameDecodeError::UnknownKind { offset: 0, kind: 9 })
-    );
+    assert_eq!(decode_all(&b), Err(FrameDecodeError::UnknownKind { offset: 0, kind: 9 }));
 }
 
 #[test]
@@ -221,33 +185,15 @@ fn corrupt_fields_inside_a_valid_archive_are_refused() {
     // Symbol bytes are the first 24 of the archived K-line.
     let mut b = aligned(w.as_bytes());
     b[body] = b'"';
-    assert_eq!(
-        decode_all(&b),
-        Err(FrameDecodeError::InvalidField {
-            seq: 8,
-            field: "symbol"
-        })
-    );
+    assert_eq!(decode_all(&b), Err(FrameDecodeError::InvalidField { seq: 8, field: "symbol" }));
     // The interval byte follows symbol (24) and symbol_id (4).
     let mut b = aligned(w.as_bytes());
     b[body + 28] = 16;
-    assert_eq!(
-        decode_all(&b),
-        Err(FrameDecodeError::InvalidField {
-            seq: 8,
-            field: "interval"
-        })
-    );
+    assert_eq!(decode_all(&b), Err(FrameDecodeError::InvalidField { seq: 8, field: "interval" }));
     // The `closed` bool (offset 31) must be 0 or 1: bytecheck refuses 2.
     let mut b = aligned(w.as_bytes());
     b[body + 31] = 2;
-    assert_eq!(
-        decode_all(&b),
-        Err(FrameDecodeError::InvalidBody {
-            seq: 8,
-            kind: FrameKind::Kline
-        })
-    );
+    assert_eq!(decode_all(&b), Err(FrameDecodeError::InvalidBody { seq: 8, kind: FrameKind::Kline }));
 }
 
 proptest! {

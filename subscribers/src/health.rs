@@ -60,13 +60,7 @@ impl Liveness {
 
     /// A heartbeat also tells the promised interval, the feed state and the publisher's identity.
     /// Returns true when the publisher id changed (the broker restarted).
-    pub fn on_heartbeat(
-        &mut self,
-        now: Instant,
-        publisher_id: u64,
-        interval_ms: u32,
-        feed: FeedState,
-    ) -> bool {
+    pub fn on_heartbeat(&mut self, now: Instant, publisher_id: u64, interval_ms: u32, feed: FeedState) -> bool {
         self.last_seen = Some(now);
         self.interval = Duration::from_millis(u64::from(interval_ms.max(1)));
         self.feed = feed;

@@ -159,11 +159,7 @@ fn sampled(n: u64) -> bool {
 impl Reader {
     /// Subscribes to `stream` on `bus`. The stream need not exist yet: the reader creates the
     /// service and receives from the broker as soon as it starts.
-    pub fn open(
-        bus: &str,
-        stream: &str,
-        options: ReaderOptions,
-    ) -> Result<Reader, ReaderOpenError> {
+    pub fn open(bus: &str, stream: &str, options: ReaderOptions) -> Result<Reader, ReaderOpenError> {
         let node = BusNode::open(bus, &options.node_name)?;
         let sub = node.subscriber(stream, options.settings, options.buffer)?;
         Ok(Reader {
@@ -188,11 +184,7 @@ impl Reader {
     }
 
     pub fn stats(&self) -> ReaderStats {
-        ReaderStats {
-            seq: self.tracker.stats(),
-            publisher_restarts: self.liveness.restarts(),
-            ..self.stats
-        }
+        ReaderStats { seq: self.tracker.stats(), publisher_restarts: self.liveness.restarts(), ..self.stats }
     }
 
     pub fn health(&self) -> Health {
@@ -210,11 +202,7 @@ impl Reader {
 
     /// Waits per `mode` for data, then hands every queued frame that passes the filter to `f`,
     /// in order. Returns the number of frames delivered (0 on timeout).
-    pub fn next_batch(
-        &mut self,
-        mode: WaitMode,
-        mut f: impl FnMut(&FrameRef<'_>),
-    ) -> Result<usize, BusError> {
+    pub fn next_batch(&mut self, mode: WaitMode, mut f: impl FnMut(&FrameRef<'_>)) -> Result<usize, BusError> {
         let n = self.drain(&mut f)?;
         if n > 0 || mode == WaitMode::Poll {
             return Ok(n);
@@ -266,8 +254,7 @@ impl Reader {
                     self.stats.heartbeats += 1;
                     match frame.heartbeat() {
                         Ok(hb) => {
-                            let feed =
-                                FeedState::from_u8(hb.feed_state).unwrap_or(FeedState::Unknown);
+                            let feed = FeedState::from_u8(hb.feed_state).unwrap_or(FeedState::Unknown);
                             let last = hb.last_seq.to_native();
                             if self.liveness.on_heartbeat(
                                 now,
@@ -275,11 +262,7 @@ impl Reader {
                                 hb.interval_ms.to_native(),
                                 feed,
                             ) {
-                                tracing::warn!(
-                                    service = self.sub.service(),
-                                    last_seq = last,
-                                    "publisher restarted"
-                                );
+                                tracing::warn!(service = self.sub.service(), last_seq = last, "publisher restarted");
                                 if self.tracker.next_expected().is_some_and(|n| last + 1 < n) {
                                     self.tracker.reset();
                                 }

@@ -153,13 +153,7 @@ mod tests {
         let mut t = SeqTracker::new();
         assert_eq!(t.on_data(5), SeqEvent::First);
         assert_eq!(t.on_data(6), SeqEvent::InOrder);
-        assert_eq!(
-            t.stats(),
-            SeqStats {
-                frames: 2,
-                ..SeqStats::default()
-            }
-        );
+        assert_eq!(t.stats(), SeqStats { frames: 2, ..SeqStats::default() });
     }
 
     #[test]

@@ -60,9 +60,7 @@ impl Default for BrokerSection {
             source: "synthetic".into(),
             clock: "wall".into(),
             seed: 1,
-            symbols: ["BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT", "XRPUSDT"]
-                .map(String::from)
-                .to_vec(),
+            symbols: ["BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT", "XRPUSDT"].map(String::from).to_vec(),
             rate: 200.0,
             speed: 0.0,
             heartbeat_ms: 50,
@@ -76,69 +74,44 @@ impl Default for BrokerSection {
 impl Config {
     /// The embedded defaults overlaid with `file` if given.
     pub fn load(file: Option<&Path>) -> Result<Config> {
-        let mut base: toml::Table =
-            toml::from_str(DEFAULT_TOML).context("parsing the embedded default config")?;
+        let mut base: toml::Table = toml::from_str(DEFAULT_TOML).context("parsing the embedded default config")?;
         if let Some(path) = file {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading config file {}", path.display()))?;
-            let over: toml::Table = toml::from_str(&text)
-                .with_context(|| format!("parsing config file {}", path.display()))?;
+            let text =
+                std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
+            let over: toml::Table =
+                toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))?;
             merge(&mut base, over);
         }
-        let name = file.map_or_else(
-            || "embedded defaults".to_owned(),
-            |p| p.display().to_string(),
-        );
-        let cfg: Config = toml::Value::Table(base)
-            .try_into()
-            .with_context(|| format!("invalid config in {name}"))?;
-        cfg.validate()
-            .with_context(|| format!("invalid config in {name}"))?;
+        let name = file.map_or_else(|| "embedded defaults".to_owned(), |p| p.display().to_string());
+        let cfg: Config = toml::Value::Table(base).try_into().with_context(|| format!("invalid config in {name}"))?;
+        cfg.validate().with_context(|| format!("invalid config in {name}"))?;
         Ok(cfg)
     }
 
     pub fn validate(&self) -> Result<()> {
         if self.bus.max_sample_bytes < 1024 {
-            bail!(
-                "bus.max_sample_bytes = {} is below 1024",
-                self.bus.max_sample_bytes
-            );
+            bail!("bus.max_sample_bytes = {} is below 1024", self.bus.max_sample_bytes);
         }
         if self.bus.subscriber_buffer == 0 || self.bus.max_subscribers == 0 {
             bail!("bus.subscriber_buffer and bus.max_subscribers must be at least 1");
         }
         if self.broker.heartbeat_ms == 0 || self.broker.heartbeat_ms > 100 {
-            bail!(
-                "broker.heartbeat_ms = {} must be within 1..=100",
-                self.broker.heartbeat_ms
-            );
+            bail!("broker.heartbeat_ms = {} must be within 1..=100", self.broker.heartbeat_ms);
         }
         if !matches!(self.broker.clock.as_str(), "wall" | "event") {
-            bail!(
-                "broker.clock = {:?}: expected \"wall\" or \"event\"",
-                self.broker.clock
-            );
+            bail!("broker.clock = {:?}: expected \"wall\" or \"event\"", self.broker.clock);
         }
         if self.broker.source != "synthetic" {
-            bail!(
-                "broker.source = {:?}: only \"synthetic\" is available",
-                self.broker.source
-            );
+            bail!("broker.source = {:?}: only \"synthetic\" is available", self.broker.source);
         }
         if !(self.broker.rate > 0.0 && self.broker.rate.is_finite()) {
-            bail!(
-                "broker.rate = {} must be a positive number",
-                self.broker.rate
-            );
+            bail!("broker.rate = {} must be a positive number", self.broker.rate);
         }
         if !(self.broker.speed >= 0.0 && self.broker.speed.is_finite()) {
             bail!("broker.speed = {} must be 0 or positive", self.broker.speed);
         }
         if self.broker.close_grace_ms < 0 {
-            bail!(
-                "broker.close_grace_ms = {} must not be negative",
-                self.broker.close_grace_ms
-            );
+            bail!("broker.close_grace_ms = {} must not be negative", self.broker.close_grace_ms);
         }
         Ok(())
     }
@@ -189,10 +162,7 @@ mod tests {
         std::fs::write(&p, "[bus]\nsubscriber_buffer = 64\n").unwrap();
         let c = Config::load(Some(&p)).unwrap();
         assert_eq!(c.bus.subscriber_buffer, 64);
-        assert_eq!(
-            c.bus.max_sample_bytes, 16384,
-            "other keys keep their defaults"
-        );
+        assert_eq!(c.bus.max_sample_bytes, 16384, "other keys keep their defaults");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

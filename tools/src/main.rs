@@ -21,13 +21,7 @@ pub struct Cli {
     #[arg(long, global = true, env = "MDBUS_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Bus name: the namespace of this bus's shared-memory services.
-    #[arg(
-        long,
-        global = true,
-        env = "MDBUS_BUS",
-        default_value = "default",
-        value_name = "NAME"
-    )]
+    #[arg(long, global = true, env = "MDBUS_BUS", default_value = "default", value_name = "NAME")]
     pub bus: String,
     /// Log format on stderr (filter with RUST_LOG, default info).
     #[arg(long, global = true, env = "MDBUS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -60,9 +54,7 @@ pub enum Command {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.with_target(false).init(),
         LogFormat::Json => builder.json().init(),

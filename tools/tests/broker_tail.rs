@@ -17,17 +17,13 @@ use serde_json::Value;
 /// A decimal string as an integer count of 1e-8 (every value in these files has ≤ 8 decimals).
 fn e8(s: &str) -> i128 {
     let (int, frac) = s.split_once('.').unwrap_or((s, ""));
-    assert!(
-        frac.len() <= 8 || frac[8..].bytes().all(|b| b == b'0'),
-        "more than 8 decimals: {s}"
-    );
+    assert!(frac.len() <= 8 || frac[8..].bytes().all(|b| b == b'0'), "more than 8 decimals: {s}");
     let mut f = frac.chars().take(8).collect::<String>();
     while f.len() < 8 {
         f.push('0');
     }
     let neg = int.starts_with('-');
-    let v = int.trim_start_matches('-').parse::<i128>().unwrap() * 100_000_000
-        + f.parse::<i128>().unwrap();
+    let v = int.trim_start_matches('-').parse::<i128>().unwrap() * 100_000_000 + f.parse::<i128>().unwrap();
     if neg {
         -v
     } else {
@@ -77,10 +73,8 @@ fn read_csv(path: &std::path::Path) -> Vec<CsvTrade> {
         .collect()
 }
 
-const INTERVALS: [&str; 16] = [
-    "1s", "1m", "3m", "5m", "15m", "30m", "1h", "2h", "4h", "6h", "8h", "12h", "1d", "3d", "1w",
-    "1M",
-];
+const INTERVALS: [&str; 16] =
+    ["1s", "1m", "3m", "5m", "15m", "30m", "1h", "2h", "4h", "6h", "8h", "12h", "1d", "3d", "1w", "1M"];
 
 fn fixed_ms(i: &str) -> Option<i64> {
     let (n, unit) = i.split_at(i.len() - 1);
@@ -110,11 +104,7 @@ fn bucket(i: &str, ms: i64) -> i64 {
     } else {
         NaiveDate::from_ymd_opt(day.year(), day.month(), 1).unwrap()
     };
-    start
-        .and_hms_opt(0, 0, 0)
-        .unwrap()
-        .and_utc()
-        .timestamp_millis()
+    start.and_hms_opt(0, 0, 0).unwrap().and_utc().timestamp_millis()
 }
 
 fn next_bucket(i: &str, open: i64) -> i64 {
@@ -123,38 +113,17 @@ fn next_bucket(i: &str, open: i64) -> i64 {
         None if i == "1w" => open + 7 * 86_400_000,
         None => {
             let d = Utc.timestamp_millis_opt(open).unwrap().date_naive();
-            let (y, m) = if d.month() == 12 {
-                (d.year() + 1, 1)
-            } else {
-                (d.year(), d.month() + 1)
-            };
-            NaiveDate::from_ymd_opt(y, m, 1)
-                .unwrap()
-                .and_hms_opt(0, 0, 0)
-                .unwrap()
-                .and_utc()
-                .timestamp_millis()
+            let (y, m) = if d.month() == 12 { (d.year() + 1, 1) } else { (d.year(), d.month() + 1) };
+            NaiveDate::from_ymd_opt(y, m, 1).unwrap().and_hms_opt(0, 0, 0).unwrap().and_utc().timestamp_millis()
         }
     }
 }
 
 /// Expected K-line (Binance kline object fields) of `symbol`/`i` opening at `open`, from trades.
-fn oracle_kline(
-    symbol: &str,
-    i: &str,
-    trades: &[CsvTrade],
-    open: i64,
-) -> BTreeMap<&'static str, Value> {
+fn oracle_kline(symbol: &str, i: &str, trades: &[CsvTrade], open: i64) -> BTreeMap<&'static str, Value> {
     let end = next_bucket(i, open);
-    let inside: Vec<&CsvTrade> = trades
-        .iter()
-        .filter(|t| t.time_ms >= open && t.time_ms < end)
-        .collect();
-    let prev_close = trades
-        .iter()
-        .filter(|t| t.time_ms < open)
-        .last()
-        .map(|t| t.price);
+    let inside: Vec<&CsvTrade> = trades.iter().filter(|t| t.time_ms >= open && t.time_ms < end).collect();
+    let prev_close = trades.iter().filter(|t| t.time_ms < open).last().map(|t| t.price);
     let mut k = BTreeMap::new();
     k.insert("t", Value::from(open));
     k.insert("T", Value::from(end - 1));
@@ -176,24 +145,12 @@ fn oracle_kline(
         return k;
     }
     let sum = |f: &dyn Fn(&CsvTrade) -> i128, taker_buy: bool| -> String {
-        render_e8(
-            inside
-                .iter()
-                .filter(|t| !taker_buy || !t.buyer_maker)
-                .map(|t| f(t))
-                .sum(),
-        )
+        render_e8(inside.iter().filter(|t| !taker_buy || !t.buyer_maker).map(|t| f(t)).sum())
     };
     k.insert("o", Value::from(render_e8(inside[0].price)));
     k.insert("c", Value::from(render_e8(inside.last().unwrap().price)));
-    k.insert(
-        "h",
-        Value::from(render_e8(inside.iter().map(|t| t.price).max().unwrap())),
-    );
-    k.insert(
-        "l",
-        Value::from(render_e8(inside.iter().map(|t| t.price).min().unwrap())),
-    );
+    k.insert("h", Value::from(render_e8(inside.iter().map(|t| t.price).max().unwrap())));
+    k.insert("l", Value::from(render_e8(inside.iter().map(|t| t.price).min().unwrap())));
     k.insert("v", Value::from(sum(&|t| t.qty, false)));
     k.insert("q", Value::from(sum(&|t| t.quote, false)));
     k.insert("V", Value::from(sum(&|t| t.qty, true)));
@@ -206,15 +163,8 @@ fn oracle_kline(
 
 fn as_map(k: &Value) -> BTreeMap<&'static str, Value> {
     let mut m = BTreeMap::new();
-    for f in [
-        "t", "T", "s", "i", "f", "L", "o", "c", "h", "l", "v", "n", "x", "q", "V", "Q", "B",
-    ] {
-        m.insert(
-            f,
-            k.get(f)
-                .unwrap_or_else(|| panic!("kline object lacks {f}: {k}"))
-                .clone(),
-        );
+    for f in ["t", "T", "s", "i", "f", "L", "o", "c", "h", "l", "v", "n", "x", "q", "V", "Q", "B"] {
+        m.insert(f, k.get(f).unwrap_or_else(|| panic!("kline object lacks {f}: {k}")).clone());
     }
     m
 }
@@ -255,18 +205,7 @@ fn closed_klines_of_every_interval_equal_an_oracle_from_the_recorded_trades() {
             "1",
         ],
     );
-    let mut tail = Proc::spawn(
-        "tail",
-        &[
-            "tail",
-            "--bus",
-            &bus,
-            "--kind",
-            "trade,kline,heartbeat",
-            "--timeout",
-            "120",
-        ],
-    );
+    let mut tail = Proc::spawn("tail", &["tail", "--bus", &bus, "--kind", "trade,kline,heartbeat", "--timeout", "120"]);
     let rx = tail.lines();
 
     // Read until the feed has ended and three heartbeats have followed the last data frame.
@@ -276,10 +215,7 @@ fn closed_klines_of_every_interval_equal_an_oracle_from_the_recorded_trades() {
         let seq = v["seq"].as_u64().unwrap();
         match v["kind"].as_str().unwrap() {
             "heartbeat" => {
-                assert!(
-                    seq <= last_data || last_data == 0,
-                    "heartbeat seq {seq} ahead of data {last_data}"
-                );
+                assert!(seq <= last_data || last_data == 0, "heartbeat seq {seq} ahead of data {last_data}");
                 if v["feed"] == "ended" && seq == last_data {
                     ended_heartbeats += 1;
                 }
@@ -295,37 +231,21 @@ fn closed_klines_of_every_interval_equal_an_oracle_from_the_recorded_trades() {
     assert!(broker_ok, "broker failed: {broker_err}");
     let (tail_ok, tail_err) = tail.stop(Duration::from_secs(10));
     assert!(tail_ok, "tail failed: {tail_err}");
-    assert!(
-        tail_err.contains("gaps 0 (missing 0), duplicates 0, reordered 0, decode errors 0"),
-        "{tail_err}"
-    );
+    assert!(tail_err.contains("gaps 0 (missing 0), duplicates 0, reordered 0, decode errors 0"), "{tail_err}");
 
     // Sequence numbers: every data frame from 1, +1 each, no gap, no repeat.
     let data: Vec<&Value> = lines.iter().filter(|v| v["kind"] != "heartbeat").collect();
     for (n, v) in data.iter().enumerate() {
-        assert_eq!(
-            v["seq"].as_u64().unwrap(),
-            n as u64 + 1,
-            "seq out of line at {v}"
-        );
+        assert_eq!(v["seq"].as_u64().unwrap(), n as u64 + 1, "seq out of line at {v}");
     }
-    assert!(
-        lines
-            .iter()
-            .filter(|v| v["kind"] == "heartbeat" && v["feed"] == "ended")
-            .count()
-            >= 3
-    );
+    assert!(lines.iter().filter(|v| v["kind"] == "heartbeat" && v["feed"] == "ended").count() >= 3);
 
     // Trades: every recorded trade appears once, field for field.
     let mut trades: HashMap<String, Vec<CsvTrade>> = HashMap::new();
     for entry in std::fs::read_dir(&rec).unwrap() {
         let p = entry.unwrap().path();
         let name = p.file_name().unwrap().to_str().unwrap();
-        let sym = name
-            .strip_suffix("-trades.csv")
-            .unwrap_or_else(|| panic!("unexpected file {name}"))
-            .to_owned();
+        let sym = name.strip_suffix("-trades.csv").unwrap_or_else(|| panic!("unexpected file {name}")).to_owned();
         trades.insert(sym, read_csv(&p));
     }
     assert_eq!(trades.len(), 3);
@@ -349,54 +269,31 @@ fn closed_klines_of_every_interval_equal_an_oracle_from_the_recorded_trades() {
     let mut seen: BTreeSet<(String, String, i64)> = BTreeSet::new();
     let mut intervals_closed: BTreeSet<String> = BTreeSet::new();
     let mut checked = 0;
-    for v in data
-        .iter()
-        .filter(|v| v["kind"] == "kline" && v["k"]["x"] == true)
-    {
+    for v in data.iter().filter(|v| v["kind"] == "kline" && v["k"]["x"] == true) {
         let k = &v["k"];
         let s = k["s"].as_str().unwrap();
         let i = k["i"].as_str().unwrap();
         let t = k["t"].as_i64().unwrap();
-        assert!(
-            seen.insert((s.to_owned(), i.to_owned(), t)),
-            "closed twice: {k}"
-        );
-        assert_eq!(
-            as_map(k),
-            oracle_kline(s, i, &trades[s], t),
-            "K-line differs from the oracle: {k}"
-        );
+        assert!(seen.insert((s.to_owned(), i.to_owned(), t)), "closed twice: {k}");
+        assert_eq!(as_map(k), oracle_kline(s, i, &trades[s], t), "K-line differs from the oracle: {k}");
         intervals_closed.insert(i.to_owned());
         checked += 1;
     }
-    assert_eq!(
-        intervals_closed.len(),
-        16,
-        "only {intervals_closed:?} closed"
-    );
+    assert_eq!(intervals_closed.len(), 16, "only {intervals_closed:?} closed");
     for (s, ts) in &trades {
         let last = ts.last().unwrap().time_ms;
         for i in INTERVALS {
             // Every bucket before the last trade's must have closed.
             let mut open = bucket(i, ts[0].time_ms);
             while next_bucket(i, open) <= bucket(i, last) {
-                assert!(
-                    seen.contains(&(s.clone(), i.to_owned(), open)),
-                    "{s} {i} {open} never closed"
-                );
+                assert!(seen.contains(&(s.clone(), i.to_owned(), open)), "{s} {i} {open} never closed");
                 open = next_bucket(i, open);
             }
         }
     }
     assert!(checked > 500, "only {checked} closed K-lines");
     // The 1M K-line of February 2021 closed with T = 2021-02-28T23:59:59.999Z.
-    assert!(data.iter().any(|v| v["k"]["i"] == "1M"
-        && v["k"]["x"] == true
-        && v["k"]["T"] == 1_614_556_799_999i64));
-    assert!(
-        leftover_shm(&bus).is_empty(),
-        "shared memory left: {:?}",
-        leftover_shm(&bus)
-    );
+    assert!(data.iter().any(|v| v["k"]["i"] == "1M" && v["k"]["x"] == true && v["k"]["T"] == 1_614_556_799_999i64));
+    assert!(leftover_shm(&bus).is_empty(), "shared memory left: {:?}", leftover_shm(&bus));
     forget_bus(&bus);
 }

@@ -13,18 +13,7 @@ use serde_json::Value;
 fn heartbeats_keep_coming_while_the_feed_is_paused() {
     let bus = unique_bus("pause");
     // Tail first: it creates the stream and waits for a broker.
-    let mut tail = Proc::spawn(
-        "tail",
-        &[
-            "tail",
-            "--bus",
-            &bus,
-            "--kind",
-            "trade,kline,heartbeat",
-            "--timeout",
-            "60",
-        ],
-    );
+    let mut tail = Proc::spawn("tail", &["tail", "--bus", &bus, "--kind", "trade,kline,heartbeat", "--timeout", "60"]);
     let rx = tail.lines();
     std::thread::sleep(Duration::from_millis(200));
     let broker = Proc::spawn(
@@ -65,11 +54,7 @@ fn heartbeats_keep_coming_while_the_feed_is_paused() {
     let data: Vec<&Value> = lines.iter().filter(|v| v["kind"] != "heartbeat").collect();
     assert!(data.len() > 300, "trades and their K-lines: {}", data.len());
     for (n, v) in data.iter().enumerate() {
-        assert_eq!(
-            v["seq"].as_u64().unwrap(),
-            n as u64 + 1,
-            "gap or repeat at {v}"
-        );
+        assert_eq!(v["seq"].as_u64().unwrap(), n as u64 + 1, "gap or repeat at {v}");
     }
     assert_eq!(data.iter().filter(|v| v["kind"] == "trade").count(), 300);
     let (ok, err) = broker.stop(Duration::from_secs(10));
@@ -84,18 +69,7 @@ fn heartbeats_keep_coming_while_the_feed_is_paused() {
 #[test]
 fn a_killed_publisher_is_reported_failed() {
     let bus = unique_bus("kill");
-    let broker = Proc::spawn(
-        "broker",
-        &[
-            "broker",
-            "--bus",
-            &bus,
-            "--rate",
-            "500",
-            "--wait-subscribers",
-            "1",
-        ],
-    );
+    let broker = Proc::spawn("broker", &["broker", "--bus", &bus, "--rate", "500", "--wait-subscribers", "1"]);
     let mut tail = Proc::spawn("tail", &["tail", "--bus", &bus, "--timeout", "4"]);
     let rx = tail.lines();
     let _ = collect_until(&rx, Duration::from_secs(30), |_| true);
@@ -103,10 +77,7 @@ fn a_killed_publisher_is_reported_failed() {
     drop(broker);
     let (ok, err) = tail.wait(Duration::from_secs(30));
     assert!(ok, "{err}");
-    assert!(
-        err.contains("health failed"),
-        "tail should see the publisher as failed: {err}"
-    );
+    assert!(err.contains("health failed"), "tail should see the publisher as failed: {err}");
     forget_bus(&bus);
 }
 
@@ -115,41 +86,16 @@ fn tail_filters_by_symbol_and_interval_and_stops_at_count() {
     let bus = unique_bus("filter");
     let broker = Proc::spawn(
         "broker",
-        &[
-            "broker",
-            "--bus",
-            &bus,
-            "--symbols",
-            "4",
-            "--rate",
-            "1000",
-            "--wait-subscribers",
-            "1",
-        ],
+        &["broker", "--bus", &bus, "--symbols", "4", "--rate", "1000", "--wait-subscribers", "1"],
     );
     let mut tail = Proc::spawn(
         "tail",
-        &[
-            "tail",
-            "--bus",
-            &bus,
-            "--symbol",
-            "ethusdt",
-            "--interval",
-            "1m,1s",
-            "--count",
-            "50",
-            "--timeout",
-            "30",
-        ],
+        &["tail", "--bus", &bus, "--symbol", "ethusdt", "--interval", "1m,1s", "--count", "50", "--timeout", "30"],
     );
     let rx = tail.lines();
     let (ok, err) = tail.wait(Duration::from_secs(40));
     assert!(ok, "{err}");
-    let lines: Vec<Value> = rx
-        .try_iter()
-        .map(|l| serde_json::from_str(&l).unwrap())
-        .collect();
+    let lines: Vec<Value> = rx.try_iter().map(|l| serde_json::from_str(&l).unwrap()).collect();
     assert_eq!(lines.len(), 50);
     for v in &lines {
         assert_eq!(v["kind"], "kline", "{v}");
@@ -165,10 +111,7 @@ fn tail_filters_by_symbol_and_interval_and_stops_at_count() {
 #[test]
 fn tail_without_a_publisher_times_out_with_an_error_and_bad_flags_are_named() {
     let bus = unique_bus("nopub");
-    let out = Command::new(EXE)
-        .args(["tail", "--bus", &bus, "--count", "1", "--timeout", "0.3"])
-        .output()
-        .unwrap();
+    let out = Command::new(EXE).args(["tail", "--bus", &bus, "--count", "1", "--timeout", "0.3"]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("timed out with 0 of 1 frames"));
     assert!(leftover_shm(&bus).is_empty(), "{:?}", leftover_shm(&bus));
@@ -176,21 +119,12 @@ fn tail_without_a_publisher_times_out_with_an_error_and_bad_flags_are_named() {
 
     for (args, needle) in [
         (vec!["tail", "--interval", "2m"], "unknown interval \"2m\""),
-        (
-            vec!["tail", "--symbol", "BTC-USDT"],
-            "--symbol \"BTC-USDT\"",
-        ),
+        (vec!["tail", "--symbol", "BTC-USDT"], "--symbol \"BTC-USDT\""),
         (vec!["tail", "--stream", "nope"], "unknown stream"),
         (vec!["broker", "--bus", "bad/name"], "bus name"),
         (vec!["broker", "--clock", "moon"], "broker.clock"),
-        (
-            vec!["broker", "--start", "yesterday"],
-            "--start \"yesterday\"",
-        ),
-        (
-            vec!["broker", "--config", "/nonexistent.toml"],
-            "/nonexistent.toml",
-        ),
+        (vec!["broker", "--start", "yesterday"], "--start \"yesterday\""),
+        (vec!["broker", "--config", "/nonexistent.toml"], "/nonexistent.toml"),
     ] {
         let out = Command::new(EXE).args(&args).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
@@ -203,26 +137,13 @@ fn tail_without_a_publisher_times_out_with_an_error_and_bad_flags_are_named() {
 #[test]
 fn demo_shows_data_and_stops_cleanly() {
     let bus = unique_bus("demo");
-    let out = Command::new(EXE)
-        .args(["demo", "--bus", &bus, "--duration", "3"])
-        .output()
-        .unwrap();
+    let out = Command::new(EXE).args(["demo", "--bus", &bus, "--duration", "3"]).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        stdout.contains(&format!("mdbus tail --bus {bus}")),
-        "{stdout}"
-    );
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains(&format!("mdbus tail --bus {bus}")), "{stdout}");
     let summaries: Vec<&str> = stdout.lines().filter(|l| l.starts_with("seq ")).collect();
     assert!(!summaries.is_empty(), "{stdout}");
-    assert!(
-        summaries.iter().any(|l| l.contains("BTCUSDT 1m close")),
-        "{stdout}"
-    );
+    assert!(summaries.iter().any(|l| l.contains("BTCUSDT 1m close")), "{stdout}");
     assert!(stdout.contains("stopped cleanly"), "{stdout}");
     assert!(leftover_shm(&bus).is_empty(), "{:?}", leftover_shm(&bus));
     forget_bus(&bus);

@@ -43,13 +43,7 @@ pub struct PeerArgs {
 
 pub fn run(_cli: &Cli, a: &BenchArgs) -> Result<ExitCode> {
     let exe = std::env::current_exe().context("locating the mdbus executable")?;
-    let opts = BenchOptions {
-        exe,
-        quick: a.quick,
-        pin: !a.no_pin,
-        rate: a.rate,
-        count: a.count,
-    };
+    let opts = BenchOptions { exe, quick: a.quick, pin: !a.no_pin, rate: a.rate, count: a.count };
     let scenarios: Vec<&str> = match a.scenario.as_str() {
         "all" => vec!["latency", "throughput"],
         s => vec![s],

@@ -62,11 +62,7 @@ fn parse_symbols(s: &str) -> Result<Vec<String>> {
         }
         return Ok(symbol_names(n));
     }
-    let list: Vec<String> = s
-        .split(',')
-        .map(|x| x.trim().to_uppercase())
-        .filter(|x| !x.is_empty())
-        .collect();
+    let list: Vec<String> = s.split(',').map(|x| x.trim().to_uppercase()).filter(|x| !x.is_empty()).collect();
     if list.is_empty() {
         bail!("--symbols {s:?}: expected a count or a comma-separated list");
     }
@@ -103,8 +99,8 @@ pub fn broker_config(cli: &Cli, a: &BrokerArgs) -> Result<BrokerConfig> {
     }
     let start_us = match &a.start {
         Some(s) => {
-            let t = chrono::DateTime::parse_from_rfc3339(s)
-                .with_context(|| format!("--start {s:?}: expected RFC 3339"))?;
+            let t =
+                chrono::DateTime::parse_from_rfc3339(s).with_context(|| format!("--start {s:?}: expected RFC 3339"))?;
             if a.clock.is_none() {
                 b.clock = "event".into();
             }
@@ -127,11 +123,7 @@ pub fn broker_config(cli: &Cli, a: &BrokerArgs) -> Result<BrokerConfig> {
             start_us,
             max_trades: a.max_trades,
         },
-        clock: if b.clock == "event" {
-            ClockMode::Event
-        } else {
-            ClockMode::Wall
-        },
+        clock: if b.clock == "event" { ClockMode::Event } else { ClockMode::Wall },
         speed: b.speed,
         heartbeat_ms: b.heartbeat_ms,
         tick_ms: b.tick_ms,

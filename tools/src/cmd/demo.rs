@@ -33,15 +33,8 @@ pub struct DemoArgs {
 fn spawn_broker(cli: &Cli, a: &DemoArgs) -> Result<Child> {
     let exe = std::env::current_exe().context("locating the mdbus executable")?;
     let mut cmd = Command::new(exe);
-    cmd.arg("broker")
-        .arg("--bus")
-        .arg(&cli.bus)
-        .arg("--source")
-        .arg("synthetic");
-    cmd.arg("--symbols")
-        .arg(&a.symbols)
-        .arg("--rate")
-        .arg(a.rate.to_string());
+    cmd.arg("broker").arg("--bus").arg(&cli.bus).arg("--source").arg("synthetic");
+    cmd.arg("--symbols").arg(&a.symbols).arg("--rate").arg(a.rate.to_string());
     if let Some(c) = &cli.config {
         cmd.arg("--config").arg(c);
     }
@@ -90,23 +83,10 @@ pub fn run(cli: &Cli, a: &DemoArgs) -> Result<ExitCode> {
     let mut broker = spawn_broker(cli, a)?;
     let service = mdbus_schema::service::stream_service(&cli.bus, "realtime");
     println!("mdbus demo on bus {:?}", cli.bus);
-    println!(
-        "  broker      pid {}  synthetic feed, {} symbols, ~{} trades/s",
-        broker.id(),
-        a.symbols,
-        a.rate
-    );
-    println!(
-        "  stream      {service}  (trades, K-line updates and closes for 16 intervals, heartbeats)"
-    );
-    println!(
-        "  look at it  mdbus tail --bus {} --symbol BTCUSDT --interval 1m",
-        cli.bus
-    );
-    println!(
-        "              mdbus tail --bus {} --kind trade --count 10",
-        cli.bus
-    );
+    println!("  broker      pid {}  synthetic feed, {} symbols, ~{} trades/s", broker.id(), a.symbols, a.rate);
+    println!("  stream      {service}  (trades, K-line updates and closes for 16 intervals, heartbeats)");
+    println!("  look at it  mdbus tail --bus {} --symbol BTCUSDT --interval 1m", cli.bus);
+    println!("              mdbus tail --bus {} --kind trade --count 10", cli.bus);
     println!("  stop        Ctrl-C");
 
     let result = summarize(cli, &cfg, a, &stop);
@@ -114,35 +94,18 @@ pub fn run(cli: &Cli, a: &DemoArgs) -> Result<ExitCode> {
     // Give iceoryx2 a moment to observe the dead ports, then check for leftovers.
     let leftovers = leftover_shm(&cli.bus);
     if leftovers.is_empty() {
-        println!(
-            "demo: stopped cleanly; no shared memory left for bus {:?}",
-            cli.bus
-        );
+        println!("demo: stopped cleanly; no shared memory left for bus {:?}", cli.bus);
     } else {
         eprintln!("demo: shared memory left behind: {}", leftovers.join(", "));
     }
     result?;
-    Ok(if leftovers.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(if leftovers.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
-fn summarize(
-    cli: &Cli,
-    cfg: &Config,
-    a: &DemoArgs,
-    stop: &std::sync::atomic::AtomicBool,
-) -> Result<()> {
-    let opts = ReaderOptions::default()
-        .settings(cfg.stream_settings())
-        .node_name("demo");
-    let mut reader =
-        Reader::open(&cli.bus, "realtime", opts).context("subscribing to the demo stream")?;
-    let end = a
-        .duration
-        .map(|d| Instant::now() + Duration::from_secs_f64(d));
+fn summarize(cli: &Cli, cfg: &Config, a: &DemoArgs, stop: &std::sync::atomic::AtomicBool) -> Result<()> {
+    let opts = ReaderOptions::default().settings(cfg.stream_settings()).node_name("demo");
+    let mut reader = Reader::open(&cli.bus, "realtime", opts).context("subscribing to the demo stream")?;
+    let end = a.duration.map(|d| Instant::now() + Duration::from_secs_f64(d));
     let mut tick = Instant::now();
     let mut frames_at_tick = 0u64;
     let mut last_seq = 0u64;
@@ -162,10 +125,7 @@ fn summarize(
                     let c = Fixed::new(i128::from(k.close.to_native()), k.price_scale);
                     last_1m = format!(
                         "{} 1m close {} n={}",
-                        k.symbol
-                            .to_symbol()
-                            .map(|s| s.to_string())
-                            .unwrap_or_default(),
+                        k.symbol.to_symbol().map(|s| s.to_string()).unwrap_or_default(),
                         c,
                         k.trade_count.to_native()
                     );

@@ -49,9 +49,7 @@ pub fn run(cli: &Cli, a: &TailArgs) -> Result<ExitCode> {
     if stream_id(&a.stream).is_none() {
         bail!("--stream {:?}: unknown stream (known: realtime)", a.stream);
     }
-    let mut opts = ReaderOptions::default()
-        .settings(cfg.stream_settings())
-        .node_name("tail");
+    let mut opts = ReaderOptions::default().settings(cfg.stream_settings()).node_name("tail");
     if let Some(b) = a.buffer {
         opts = opts.buffer(b);
     }
@@ -78,9 +76,7 @@ pub fn run(cli: &Cli, a: &TailArgs) -> Result<ExitCode> {
     let mut reader = Reader::open(&cli.bus, &a.stream, opts).context("opening stream")?;
     tracing::info!(service = reader.service(), "tail subscribed");
 
-    let deadline = a
-        .timeout
-        .map(|s| Instant::now() + Duration::from_secs_f64(s.max(0.0)));
+    let deadline = a.timeout.map(|s| Instant::now() + Duration::from_secs_f64(s.max(0.0)));
     let stdout = std::io::stdout();
     let mut out = BufWriter::with_capacity(1 << 16, stdout.lock());
     let mut line = String::with_capacity(512);
@@ -88,11 +84,7 @@ pub fn run(cli: &Cli, a: &TailArgs) -> Result<ExitCode> {
     let mut bad_lines: u64 = 0;
     let mut broken_pipe = false;
     let wait = Duration::from_millis(100);
-    let mode = if a.spin {
-        WaitMode::Spin(wait)
-    } else {
-        WaitMode::Block(wait)
-    };
+    let mode = if a.spin { WaitMode::Spin(wait) } else { WaitMode::Block(wait) };
     let done = |printed: u64| a.count.is_some_and(|c| printed >= c);
 
     while !stop.load(Ordering::Relaxed) && !done(printed) && !broken_pipe {

@@ -14,23 +14,14 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// A bus name no other test (or test run) uses.
 pub fn unique_bus(tag: &str) -> String {
-    format!(
-        "t{}_{}_{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed),
-        tag
-    )
+    format!("t{}_{}_{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed), tag)
 }
 
 /// A fresh temporary directory, removed on drop.
 pub struct TempDir(pub PathBuf);
 impl TempDir {
     pub fn new(tag: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!(
-            "mdbus-test-{}-{}",
-            unique_bus(tag),
-            std::process::id()
-        ));
+        let p = std::env::temp_dir().join(format!("mdbus-test-{}-{}", unique_bus(tag), std::process::id()));
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p).unwrap();
         TempDir(p)
@@ -58,10 +49,7 @@ impl Proc {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("starting {name}: {e}"));
-        Proc {
-            child,
-            name: name.to_owned(),
-        }
+        Proc { child, name: name.to_owned() }
     }
 
     pub fn signal(&self, sig: rustix::process::Signal) {
@@ -155,13 +143,13 @@ pub fn collect_until(
     let start = Instant::now();
     let mut got = Vec::new();
     loop {
-        let left = limit.checked_sub(start.elapsed()).unwrap_or_else(|| {
-            panic!("watchdog: gave up after {limit:?} with {} lines", got.len())
-        });
+        let left = limit
+            .checked_sub(start.elapsed())
+            .unwrap_or_else(|| panic!("watchdog: gave up after {limit:?} with {} lines", got.len()));
         match rx.recv_timeout(left) {
             Ok(line) => {
-                let v: serde_json::Value = serde_json::from_str(&line)
-                    .unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+                let v: serde_json::Value =
+                    serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
                 let done = pred(&v);
                 got.push(v);
                 if done {
