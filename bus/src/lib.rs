@@ -27,6 +27,9 @@ pub use iceoryx2::prelude::ipc;
 /// A sample as received: the payload bytes live in shared memory until it is dropped.
 pub type StreamSample = Sample<ipc::Service, [u8], ()>;
 
+type PubSubFactory = iceoryx2::service::port_factory::publish_subscribe::PortFactory<ipc::Service, [u8], ()>;
+type EventFactory = iceoryx2::service::port_factory::event::PortFactory<ipc::Service>;
+
 /// Sizing of a stream's shared memory. Identical on both sides of a bus.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StreamSettings {
@@ -130,14 +133,7 @@ impl BusNode {
         &self.bus
     }
 
-    fn pubsub(
-        &self,
-        stream: &str,
-        s: &StreamSettings,
-    ) -> Result<
-        (String, iceoryx2::service::port_factory::publish_subscribe::PortFactory<ipc::Service, [u8], ()>),
-        BusError,
-    > {
+    fn pubsub(&self, stream: &str, s: &StreamSettings) -> Result<(String, PubSubFactory), BusError> {
         let name = stream_service(&self.bus, stream);
         let err = |e: String| BusError::Service { service: name.clone(), detail: e };
         let sname = ServiceName::new(&name).map_err(|e| err(detail(e)))?;
@@ -160,11 +156,7 @@ impl BusNode {
         Ok((name, f))
     }
 
-    fn wake(
-        &self,
-        stream: &str,
-        s: &StreamSettings,
-    ) -> Result<(String, iceoryx2::service::port_factory::event::PortFactory<ipc::Service>), BusError> {
+    fn wake(&self, stream: &str, s: &StreamSettings) -> Result<(String, EventFactory), BusError> {
         let name = stream_wake_service(&self.bus, stream);
         let err = |e: String| BusError::Service { service: name.clone(), detail: e };
         let sname = ServiceName::new(&name).map_err(|e| err(detail(e)))?;

@@ -1,10 +1,12 @@
 //! Wire-format tests: golden bytes pin the layout; garbage never panics.
 
+#![allow(clippy::unwrap_used)]
+
 use mdbus_schema::frame::{encoded_frame_len, header};
 use mdbus_schema::json::write_frame_line;
 use mdbus_schema::{
-    FeedState, FrameDecodeError, FrameHeader, FrameIter, FrameKind, FrameRef, FrameWriter, Heartbeat, Interval, Kline,
-    Symbol, Trade, FRAME_HEADER_LEN, SCHEMA_VERSION,
+    FeedState, FrameDecodeError, FrameHeader, FrameIter, FrameKind, FrameWriter, Heartbeat, Interval, Kline, Symbol,
+    Trade, FRAME_HEADER_LEN, SCHEMA_VERSION,
 };
 use proptest::prelude::*;
 

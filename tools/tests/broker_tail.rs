@@ -3,6 +3,8 @@
 //! The K-line oracle here is written from the Binance rules and the `--record` CSV alone (chrono
 //! for the calendar, its own decimal handling); it shares no code with the aggregator.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -123,7 +125,7 @@ fn next_bucket(i: &str, open: i64) -> i64 {
 fn oracle_kline(symbol: &str, i: &str, trades: &[CsvTrade], open: i64) -> BTreeMap<&'static str, Value> {
     let end = next_bucket(i, open);
     let inside: Vec<&CsvTrade> = trades.iter().filter(|t| t.time_ms >= open && t.time_ms < end).collect();
-    let prev_close = trades.iter().filter(|t| t.time_ms < open).last().map(|t| t.price);
+    let prev_close = trades.iter().rfind(|t| t.time_ms < open).map(|t| t.price);
     let mut k = BTreeMap::new();
     k.insert("t", Value::from(open));
     k.insert("T", Value::from(end - 1));

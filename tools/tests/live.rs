@@ -1,6 +1,8 @@
 //! End to end on the wall clock: heartbeats when the feed pauses, liveness when the publisher
 //! dies, tail's options and errors, and the demo's clean shutdown.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::process::Command;

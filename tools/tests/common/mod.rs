@@ -1,5 +1,5 @@
 //! Helpers for end-to-end tests: real `mdbus` processes on a unique bus each.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -59,7 +59,7 @@ impl Proc {
     }
 
     /// SIGTERM, then wait (SIGKILL after `limit`). Returns (success, stderr).
-    pub fn stop(mut self, limit: Duration) -> (bool, String) {
+    pub fn stop(self, limit: Duration) -> (bool, String) {
         self.signal(rustix::process::Signal::TERM);
         self.wait(limit)
     }
