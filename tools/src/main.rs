@@ -20,14 +20,26 @@ pub struct Cli {
     /// TOML config file (defaults are embedded; see config/default.toml).
     #[arg(long, global = true, env = "MDBUS_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Bus name: the namespace of this bus's shared-memory services.
-    #[arg(long, global = true, env = "MDBUS_BUS", default_value = "default", value_name = "NAME")]
-    pub bus: String,
+    /// Bus name: the namespace of this bus's shared-memory services [default: "default"; for
+    /// `demo`: "demo"].
+    #[arg(long, global = true, env = "MDBUS_BUS", value_name = "NAME")]
+    pub bus: Option<String>,
     /// Log format on stderr (filter with RUST_LOG, default info).
     #[arg(long, global = true, env = "MDBUS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Cli {
+    /// The bus this process works on.
+    pub fn bus(&self) -> String {
+        match (&self.bus, &self.command) {
+            (Some(b), _) => b.clone(),
+            (None, Command::Demo(_)) => "demo".into(),
+            (None, _) => "default".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

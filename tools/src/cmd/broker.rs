@@ -114,7 +114,7 @@ pub fn broker_config(cli: &Cli, a: &BrokerArgs) -> Result<BrokerConfig> {
     cfg.validate()?;
     let b = &cfg.broker;
     Ok(BrokerConfig {
-        bus: cli.bus.clone(),
+        bus: cli.bus(),
         stream: cfg.stream_settings(),
         feed: SyntheticConfig {
             seed: b.seed,

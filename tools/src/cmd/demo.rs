@@ -31,9 +31,10 @@ pub struct DemoArgs {
 }
 
 fn spawn_broker(cli: &Cli, a: &DemoArgs) -> Result<Child> {
+    let bus = cli.bus();
     let exe = std::env::current_exe().context("locating the mdbus executable")?;
     let mut cmd = Command::new(exe);
-    cmd.arg("broker").arg("--bus").arg(&cli.bus).arg("--source").arg("synthetic");
+    cmd.arg("broker").arg("--bus").arg(&bus).arg("--source").arg("synthetic");
     cmd.arg("--symbols").arg(&a.symbols).arg("--rate").arg(a.rate.to_string());
     if let Some(c) = &cli.config {
         cmd.arg("--config").arg(c);
@@ -78,23 +79,24 @@ pub fn leftover_shm(bus: &str) -> Vec<String> {
 }
 
 pub fn run(cli: &Cli, a: &DemoArgs) -> Result<ExitCode> {
+    let bus = cli.bus();
     let cfg = Config::load(cli.config.as_deref())?;
     let stop = crate::signals::stop_flag()?;
     let mut broker = spawn_broker(cli, a)?;
-    let service = mdbus_schema::service::stream_service(&cli.bus, "realtime");
-    println!("mdbus demo on bus {:?}", cli.bus);
+    let service = mdbus_schema::service::stream_service(&bus, "realtime");
+    println!("mdbus demo on bus {:?}", bus);
     println!("  broker      pid {}  synthetic feed, {} symbols, ~{} trades/s", broker.id(), a.symbols, a.rate);
     println!("  stream      {service}  (trades, K-line updates and closes for 16 intervals, heartbeats)");
-    println!("  look at it  mdbus tail --bus {} --symbol BTCUSDT --interval 1m", cli.bus);
-    println!("              mdbus tail --bus {} --kind trade --count 10", cli.bus);
+    println!("  look at it  mdbus tail --bus {} --symbol BTCUSDT --interval 1m", bus);
+    println!("              mdbus tail --bus {} --kind trade --count 10", bus);
     println!("  stop        Ctrl-C");
 
     let result = summarize(cli, &cfg, a, &stop);
     stop_child(&mut broker, "broker");
     // Give iceoryx2 a moment to observe the dead ports, then check for leftovers.
-    let leftovers = leftover_shm(&cli.bus);
+    let leftovers = leftover_shm(&bus);
     if leftovers.is_empty() {
-        println!("demo: stopped cleanly; no shared memory left for bus {:?}", cli.bus);
+        println!("demo: stopped cleanly; no shared memory left for bus {:?}", bus);
     } else {
         eprintln!("demo: shared memory left behind: {}", leftovers.join(", "));
     }
@@ -103,8 +105,9 @@ pub fn run(cli: &Cli, a: &DemoArgs) -> Result<ExitCode> {
 }
 
 fn summarize(cli: &Cli, cfg: &Config, a: &DemoArgs, stop: &std::sync::atomic::AtomicBool) -> Result<()> {
+    let bus = cli.bus();
     let opts = ReaderOptions::default().settings(cfg.stream_settings()).node_name("demo");
-    let mut reader = Reader::open(&cli.bus, "realtime", opts).context("subscribing to the demo stream")?;
+    let mut reader = Reader::open(&bus, "realtime", opts).context("subscribing to the demo stream")?;
     let end = a.duration.map(|d| Instant::now() + Duration::from_secs_f64(d));
     let mut tick = Instant::now();
     let mut frames_at_tick = 0u64;

@@ -73,7 +73,7 @@ pub fn run(cli: &Cli, a: &TailArgs) -> Result<ExitCode> {
         opts = opts.kind(FrameKind::Kline);
     }
     let stop = crate::signals::stop_flag()?;
-    let mut reader = Reader::open(&cli.bus, &a.stream, opts).context("opening stream")?;
+    let mut reader = Reader::open(&cli.bus(), &a.stream, opts).context("opening stream")?;
     tracing::info!(service = reader.service(), "tail subscribed");
 
     let deadline = a.timeout.map(|s| Instant::now() + Duration::from_secs_f64(s.max(0.0)));
