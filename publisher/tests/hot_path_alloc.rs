@@ -1,0 +1,94 @@
+//! The broker's hot path — synthetic trade → aggregator → frames — allocates nothing once warm.
+//! (iceoryx2's loan, outside this path, makes one small allocation per sample of its own.)
+#![allow(unsafe_code, clippy::unwrap_used)]
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use mdbus_publisher::aggregator::{Aggregator, AggregatorConfig};
+use mdbus_publisher::synthetic::{symbol_names, SyntheticConfig, SyntheticFeed};
+use mdbus_schema::frame::{encoded_frame_len, header};
+use mdbus_schema::{FrameKind, FrameWriter};
+
+struct Counting;
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: forwards every call unchanged to the system allocator; only counts allocations.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: same contract as our caller's.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from `System.alloc` above with this layout.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: `ptr` came from `System` with `layout`.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn allocations() -> u64 {
+    ALLOCATIONS.load(Ordering::Relaxed)
+}
+
+#[test]
+fn a_million_trades_through_aggregation_and_framing_allocate_nothing() {
+    // The counter works: a vec! is seen.
+    let before = allocations();
+    let v = std::hint::black_box(vec![1u8; 10]);
+    assert!(allocations() > before);
+    drop(v);
+
+    let cfg = SyntheticConfig {
+        seed: 3,
+        symbols: symbol_names(200),
+        rate: 50_000.0,
+        start_us: 1_700_000_000_000_000,
+        max_trades: None,
+    };
+    let mut feed = SyntheticFeed::new(&cfg).unwrap();
+    let mut agg = Aggregator::new(&feed.specs(), AggregatorConfig::default());
+    let cap = 16 * 1024;
+    let mut w = FrameWriter::with_capacity(cap);
+    let kline_len = encoded_frame_len(FrameKind::Kline);
+    let mut seq = 0u64;
+    let mut frames = 0u64;
+    let mut run = |n: u64, w: &mut FrameWriter, agg: &mut Aggregator| {
+        for i in 0..n {
+            let t = feed.next_trade().unwrap();
+            let mut emit = |k: &mdbus_schema::Kline| {
+                if w.len() + kline_len > cap {
+                    frames += w.frames() as u64;
+                    w.clear();
+                }
+                seq += 1;
+                w.push_kline(header(FrameKind::Kline, 1, seq), k).unwrap();
+            };
+            agg.on_trade(&t, &mut emit);
+            if i % 64 == 0 {
+                agg.on_clock(t.time_ms(), &mut emit);
+                agg.drain_updates(&mut emit);
+            }
+            if w.len() + kline_len > cap {
+                frames += w.frames() as u64;
+                w.clear();
+            }
+            seq += 1;
+            w.push_trade(header(FrameKind::Trade, 1, seq), &t).unwrap();
+        }
+    };
+    run(20_000, &mut w, &mut agg);
+    let before = allocations();
+    run(1_000_000, &mut w, &mut agg);
+    let during = allocations() - before;
+    assert_eq!(during, 0, "{during} allocations on the hot path");
+    assert_eq!(agg.stats().trades, 1_020_000);
+    assert!(frames > 1_000_000);
+}
