@@ -163,7 +163,7 @@ pub fn run_scenario(scenario: &str, o: &BenchOptions) -> Result<ScenarioReport, 
     let mut rows = Vec::new();
     match scenario {
         "latency" => {
-            let count = o.count.unwrap_or(if o.quick { 20_000 } else { 100_000 });
+            let count = o.count.unwrap_or(if o.quick { 10_000 } else { 40_000 });
             let mode = Mode::Latency { rate: o.rate, warmup: count / 10 };
             let transports = [
                 ("raw iceoryx2, same payload (baseline)", Transport::Iox2),

@@ -115,9 +115,7 @@ fn pin(core: Option<usize>) {
     }
 }
 
-fn sample_kline(i: u64) -> Kline {
-    // Invariant: a literal valid symbol.
-    let sym = Symbol::new("BTCUSDT").unwrap_or_else(|_| unreachable!());
+fn sample_kline(sym: Symbol, i: u64) -> Kline {
     let mut k = Kline::empty(Interval::M1, 1_700_000_000_000, sym, 0, 2, 5, 8_723_201 + i as i64 % 100);
     k.trade_count = i;
     k
@@ -148,6 +146,11 @@ impl Pacer {
     fn wait(&mut self) {
         if self.period_ns > 0.0 {
             let due = Duration::from_nanos((self.n as f64 * self.period_ns) as u64);
+            // Sleep through most of a long gap (leaving a core to the OS), spin the rest.
+            let left = due.saturating_sub(self.start.elapsed());
+            if left > Duration::from_micros(300) {
+                std::thread::sleep(left - Duration::from_micros(200));
+            }
             while self.start.elapsed() < due {
                 std::hint::spin_loop();
             }
@@ -273,19 +276,22 @@ pub fn run_publisher(spec: &PeerSpec) -> Result<(), PeerError> {
             }
             w.clear();
             let batch = matches!(spec.mode, Mode::Throughput);
+            let sym = Symbol::new("BTCUSDT").map_err(|e| PeerError::Other(e.to_string()))?;
             let frame = payload_len();
             for i in 0..spec.count {
                 pacer.wait();
-                let k = sample_kline(i);
-                let h =
-                    mdbus_schema::FrameHeader { ts_publish_ns: now_ns() as i64, ..header(FrameKind::Kline, 9, i + 1) };
+                let k = sample_kline(sym, i);
+                let h = header(FrameKind::Kline, 9, i + 1);
                 w.push_kline(h, &k).map_err(|e| PeerError::Other(e.to_string()))?;
                 if !batch || w.len() + frame > settings.max_sample_bytes {
+                    // As the broker does: one clock read per sample, just before sending.
+                    w.set_publish_time(now_ns() as i64);
                     publisher.send(w.as_bytes())?;
                     w.clear();
                 }
             }
             if !w.is_empty() {
+                w.set_publish_time(now_ns() as i64);
                 publisher.send(w.as_bytes())?;
                 w.clear();
             }

@@ -109,7 +109,8 @@ impl Batcher {
         mdbus_schema::FrameHeader {
             ts_event_ns: self.ts_event_ns,
             ts_recv_ns: self.ts_recv_ns,
-            ts_publish_ns: now_ns(),
+            // Stamped for the whole sample in `send`.
+            ts_publish_ns: 0,
             ..header(kind, REALTIME_STREAM_ID, seq)
         }
     }
@@ -147,6 +148,7 @@ impl Batcher {
     }
 
     fn send(&mut self) -> Result<usize, BrokerRunError> {
+        self.writer.set_publish_time(now_ns());
         let reached = self.publisher.send(self.writer.as_bytes())?;
         self.report.samples += 1;
         self.report.frames += self.writer.frames() as u64;

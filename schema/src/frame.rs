@@ -410,6 +410,18 @@ impl FrameWriter {
         Ok(padded - start)
     }
 
+    /// Sets `ts_publish_ns` of every frame in the buffer: one clock read per sample instead of
+    /// one per frame, taken just before the sample is sent.
+    pub fn set_publish_time(&mut self, ts_publish_ns: i64) {
+        let mut at = 0;
+        let bytes = ts_publish_ns.to_le_bytes();
+        while at + FRAME_HEADER_LEN <= self.buf.len() {
+            let body_len = read_u32(&self.buf, at + 8) as usize;
+            self.buf[at + 40..at + 48].copy_from_slice(&bytes);
+            at += FRAME_HEADER_LEN + pad16(body_len);
+        }
+    }
+
     /// Appends a trade frame; returns the bytes it took.
     pub fn push_trade(&mut self, header: FrameHeader, t: &Trade) -> Result<usize, FrameEncodeError> {
         self.push_with(FrameHeader { kind: FrameKind::Trade, ..header }, |w| {

@@ -222,3 +222,20 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn publish_time_is_stamped_on_every_frame_and_nothing_else() {
+    let mut w = encoded();
+    let before = w.as_bytes().to_vec();
+    w.set_publish_time(42);
+    let frames: Vec<_> = FrameIter::new(w.as_bytes()).collect::<Result<_, _>>().unwrap();
+    assert_eq!(frames.len(), 3);
+    assert!(frames.iter().all(|f| f.header.ts_publish_ns == 42));
+    let changed: Vec<usize> = (0..before.len()).filter(|&i| before[i] != w.as_bytes()[i]).collect();
+    let starts = [
+        0,
+        encoded_frame_len(FrameKind::Trade),
+        encoded_frame_len(FrameKind::Trade) + encoded_frame_len(FrameKind::Kline),
+    ];
+    assert!(changed.iter().all(|&i| starts.iter().any(|&s| (s + 40..s + 48).contains(&i))), "{changed:?}");
+}

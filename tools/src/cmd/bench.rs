@@ -24,7 +24,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub no_pin: bool,
     /// Latency scenario: messages per second.
-    #[arg(long, default_value_t = 10_000.0)]
+    #[arg(long, default_value_t = 2_000.0)]
     pub rate: f64,
     /// Messages per measurement.
     #[arg(long)]
