@@ -10,6 +10,8 @@
 //! - `throughput`: K-line frames/s from one publisher to one subscriber under full load, every seq
 //!   checked, lossless; mdbus batches frames per sample, raw iceoryx2 sends one per sample.
 
+#![forbid(unsafe_code)]
+
 pub mod peer;
 
 use std::io::{BufRead, BufReader};
@@ -211,6 +213,7 @@ pub fn run_scenario(scenario: &str, o: &BenchOptions) -> Result<ScenarioReport, 
             let count = o.count.unwrap_or(if o.quick { 1_000_000 } else { 10_000_000 });
             for (name, t, c) in [
                 ("raw iceoryx2, one frame per sample (baseline)", Transport::Iox2, count / 4),
+                ("raw iceoryx2, 16 KiB samples, no framing", Transport::Iox2Batch, count),
                 ("mdbus, frames batched per sample", Transport::Mdbus, count),
             ] {
                 let r = run_pair(&o.exe, &base(t, Mode::Throughput, c), pin)?;

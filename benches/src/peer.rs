@@ -28,6 +28,8 @@ use serde::{Deserialize, Serialize};
 pub enum Transport {
     Mdbus,
     Iox2,
+    /// Raw iceoryx2 with samples as big as mdbus's batches (no framing, no validation).
+    Iox2Batch,
     Uds,
 }
 
@@ -36,6 +38,7 @@ impl Transport {
         match self {
             Transport::Mdbus => "mdbus",
             Transport::Iox2 => "iox2",
+            Transport::Iox2Batch => "iox2batch",
             Transport::Uds => "uds",
         }
     }
@@ -43,6 +46,7 @@ impl Transport {
         Some(match s {
             "mdbus" => Transport::Mdbus,
             "iox2" => Transport::Iox2,
+            "iox2batch" => Transport::Iox2Batch,
             "uds" => Transport::Uds,
             _ => return None,
         })
@@ -300,7 +304,7 @@ pub fn run_publisher(spec: &PeerSpec) -> Result<(), PeerError> {
             let _ = w.push_heartbeat(header(FrameKind::Heartbeat, 9, spec.count), &hb);
             publisher.send(w.as_bytes())?;
         }
-        Transport::Iox2 => {
+        Transport::Iox2 | Transport::Iox2Batch => {
             let settings = bench_settings(spec.mode);
             let config = mdbus_bus::iceoryx_config(&spec.bus)?;
             let node = NodeBuilder::new()
@@ -309,9 +313,18 @@ pub fn run_publisher(spec: &PeerSpec) -> Result<(), PeerError> {
                 .create::<ipc::Service>()
                 .map_err(|e| PeerError::Iox2(format!("{e:?}")))?;
             let service = raw_service(&node, &spec.bus, settings)?;
+            // One message per sample, or as many as fit mdbus's sample size.
+            let per_sample = if spec.transport == Transport::Iox2Batch {
+                (settings.max_sample_bytes / payload_len()) as u64
+            } else {
+                1
+            };
+            let len = payload_len() * per_sample as usize;
             let publisher = service
                 .publisher_builder()
-                .initial_max_slice_len(payload_len())
+                .initial_max_slice_len(len)
+                .allocation_strategy(AllocationStrategy::Static)
+                .max_loaned_samples(2)
                 .backpressure_strategy(if settings.lossless {
                     BackpressureStrategy::RetryUntilDelivered
                 } else {
@@ -319,24 +332,26 @@ pub fn run_publisher(spec: &PeerSpec) -> Result<(), PeerError> {
                 })
                 .create()
                 .map_err(|e| PeerError::Iox2(format!("{e:?}")))?;
-            let len = payload_len();
-            let send = |seq: u64| -> Result<usize, PeerError> {
+            let mut buf = vec![0u8; len];
+            let mut send = |seq: u64, n: u64| -> Result<usize, PeerError> {
+                // First 8 bytes: seq of the first message; then the send time, read once.
+                buf[0..8].copy_from_slice(&seq.to_le_bytes());
+                buf[8..16].copy_from_slice(&now_ns().to_le_bytes());
+                buf[16..24].copy_from_slice(&n.to_le_bytes());
                 let s = publisher.loan_slice_uninit(len).map_err(|e| PeerError::Iox2(format!("{e:?}")))?;
-                let s = s.write_from_fn(|i| match i {
-                    0..=7 => seq.to_le_bytes()[i],
-                    8..=15 => now_ns().to_le_bytes()[i - 8],
-                    _ => 0,
-                });
-                s.send().map_err(|e| PeerError::Iox2(format!("{e:?}")))
+                s.write_from_slice(&buf).send().map_err(|e| PeerError::Iox2(format!("{e:?}")))
             };
-            while send(END - 1)? == 0 {
+            while send(END - 1, 0)? == 0 {
                 std::thread::sleep(Duration::from_millis(5));
             }
-            for i in 0..spec.count {
+            let mut i = 0;
+            while i < spec.count {
                 pacer.wait();
-                send(i)?;
+                let n = per_sample.min(spec.count - i);
+                send(i, n)?;
+                i += n;
             }
-            send(END)?;
+            send(END, 0)?;
         }
         Transport::Uds => {
             let mut stream = loop {
@@ -369,6 +384,11 @@ fn raw_service(
         .publish_subscribe::<[u8]>()
         .payload_alignment(Alignment::new(16).ok_or_else(|| PeerError::Other("alignment".into()))?)
         .subscriber_max_buffer_size(s.subscriber_buffer)
+        .subscriber_max_borrowed_samples(4)
+        .history_size(0)
+        .max_subscribers(s.max_subscribers)
+        .max_publishers(s.max_publishers)
+        .max_nodes(s.max_subscribers + s.max_publishers + 4)
         .enable_safe_overflow(!s.lossless)
         .open_or_create()
         .map_err(|e| PeerError::Iox2(format!("{e:?}")))
@@ -420,7 +440,7 @@ pub fn run_subscriber(spec: &PeerSpec, ready: impl FnOnce()) -> Result<PeerRepor
                 return Err(PeerError::Other(format!("{bad} frames failed validation")));
             }
         }
-        Transport::Iox2 => {
+        Transport::Iox2 | Transport::Iox2Batch => {
             let settings = bench_settings(spec.mode);
             let config = mdbus_bus::iceoryx_config(&spec.bus)?;
             let node = NodeBuilder::new()
@@ -451,8 +471,18 @@ pub fn run_subscriber(spec: &PeerSpec, ready: impl FnOnce()) -> Result<PeerRepor
                     continue;
                 }
                 a.copy_from_slice(&p[8..16]);
+                let sent = u64::from_le_bytes(a);
+                a.copy_from_slice(&p[16..24]);
                 rec.stamp();
-                rec.on(seq, timed.then_some(u64::from_le_bytes(a)));
+                // Touch every message of the sample, as a reader would.
+                let mut sum = 0u64;
+                for m in p.chunks_exact(payload_len()) {
+                    sum = sum.wrapping_add(u64::from(m[payload_len() - 1]));
+                }
+                std::hint::black_box(sum);
+                for j in 0..u64::from_le_bytes(a) {
+                    rec.on(seq + j, timed.then_some(sent));
+                }
             }
         }
         Transport::Uds => {

@@ -10,6 +10,8 @@
 //! readers can block instead of spinning. Files of bus `B` are prefixed `mdbus_B_` in
 //! `/dev/shm` and under the iceoryx2 root, so buses never collide and leftovers are easy to find.
 
+#![forbid(unsafe_code)]
+
 use std::time::Duration;
 
 use iceoryx2::config::Config;
@@ -39,7 +41,8 @@ pub struct StreamSettings {
     pub subscriber_buffer: usize,
     /// Subscriber processes allowed at once.
     pub max_subscribers: usize,
-    /// Publisher ports allowed at once (a restarting broker needs 2).
+    /// Publisher ports allowed at once: 1, so a second broker on the same bus is refused
+    /// (a crashed broker's port is cleaned up when the next process opens the bus).
     pub max_publishers: usize,
     /// `false` (real-time streams): a full subscriber queue loses its oldest sample and the
     /// publisher never waits. `true`: the publisher waits until every subscriber has room
@@ -53,7 +56,7 @@ impl Default for StreamSettings {
             max_sample_bytes: 16 * 1024,
             subscriber_buffer: 256,
             max_subscribers: 16,
-            max_publishers: 2,
+            max_publishers: 1,
             lossless: false,
         }
     }

@@ -20,7 +20,7 @@ use mdbus_schema::frame::header;
 use mdbus_schema::service::REALTIME_STREAM_ID;
 use mdbus_schema::{FeedState, FrameKind, FrameWriter, Heartbeat, Kline, Seq, Trade};
 
-use crate::aggregator::{Aggregator, AggregatorConfig, AggregatorStats};
+use crate::aggregator::{Aggregator, AggregatorConfig, AggregatorStats, LatePolicy};
 use crate::record::{RecordWriteError, Recorder};
 use crate::synthetic::{SymbolNamesError, SyntheticConfig, SyntheticFeed};
 
@@ -46,6 +46,8 @@ pub struct BrokerConfig {
     pub heartbeat_ms: u64,
     pub tick_ms: u64,
     pub close_grace_ms: i64,
+    pub late_policy: LatePolicy,
+    pub max_empty_run: u32,
     pub record: Option<PathBuf>,
     /// Send only heartbeats until this many subscribers are connected.
     pub wait_subscribers: usize,
@@ -177,7 +179,15 @@ pub fn run(config: &BrokerConfig, stop: &AtomicBool) -> Result<BrokerReport, Bro
     pin(config.core);
     let mut feed = SyntheticFeed::new(&config.feed)?;
     let specs = feed.specs();
-    let mut agg = Aggregator::new(&specs, AggregatorConfig { close_grace_ms: config.close_grace_ms });
+    let mut agg = Aggregator::new(
+        &specs,
+        AggregatorConfig {
+            close_grace_ms: config.close_grace_ms,
+            late_policy: config.late_policy,
+            max_empty_run: config.max_empty_run,
+            snapshots: false,
+        },
+    );
     let mut recorder = config.record.as_deref().map(Recorder::new).transpose()?;
 
     let node = BusNode::open(&config.bus, "broker")?;
@@ -205,6 +215,9 @@ pub fn run(config: &BrokerConfig, stop: &AtomicBool) -> Result<BrokerReport, Bro
         started_at_ns,
     };
 
+    // First frame of every incarnation: a heartbeat with the new publisher id, so readers that
+    // knew an earlier broker reset their sequence tracking before any new data arrives.
+    out.heartbeat(&hb)?;
     // Hold the feed until enough readers are connected (tests, benchmarks).
     while config.wait_subscribers > 0 && !stop.load(Ordering::Relaxed) {
         if out.heartbeat(&hb)? >= config.wait_subscribers {
@@ -221,6 +234,7 @@ pub fn run(config: &BrokerConfig, stop: &AtomicBool) -> Result<BrokerReport, Bro
         ClockMode::Event => 0,
     };
     let mut feed_state = FeedState::Live;
+    let mut feed_ended_told = false;
     let mut event_clock_ms = i64::MIN;
     let tick = Duration::from_millis(config.tick_ms.max(1));
     let mut last_hb = Instant::now();
@@ -262,9 +276,19 @@ pub fn run(config: &BrokerConfig, stop: &AtomicBool) -> Result<BrokerReport, Bro
             out.trade(&t)?;
             out.report.trades += 1;
             event_clock_ms = event_clock_ms.max(t.time_ms());
+            if n == 1 && feed.peek_time_us() > horizon_us {
+                // Idle: nothing else is due, so the trade (and the closes it caused) go out now;
+                // its K-line updates follow in the next sample.
+                out.flush()?;
+            }
         }
         if feed_state == FeedState::Live && feed.peek_time_us() == i64::MAX {
             feed_state = FeedState::Ended;
+        }
+        if feed_state == FeedState::Ended && !feed_ended_told {
+            // An ended feed is not a quiet market: the clock must not fabricate empty K-lines.
+            agg.set_feed_live(false);
+            feed_ended_told = true;
         }
 
         // The clock: closes K-lines nobody traded into.
@@ -320,7 +344,7 @@ pub fn run(config: &BrokerConfig, stop: &AtomicBool) -> Result<BrokerReport, Bro
 
     // Clean stop: a last heartbeat so readers see the final seq, then files.
     hb.last_seq = out.next_seq - 1;
-    hb.feed_state = FeedState::Ended as u8;
+    hb.feed_state = FeedState::Stopped as u8;
     out.heartbeat(&hb)?;
     if let Some(r) = recorder.as_mut() {
         r.flush()?;

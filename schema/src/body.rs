@@ -49,6 +49,10 @@ impl Trade {
 pub const KLINE_FLAG_AMENDED: u8 = 1;
 /// K-line flag: the feed was down during part of this interval (data may be incomplete).
 pub const KLINE_FLAG_FEED_GAP: u8 = 2;
+/// K-line flag: a quiet gap longer than the broker's `max_empty_run` preceded this K-line; the
+/// empty K-lines between the previous close and this one were not published (each would have had
+/// `o=h=l=c=` the previous close, no volume).
+pub const KLINE_FLAG_EMPTY_SKIPPED: u8 = 4;
 
 /// One K-line with every Binance field (`t T s i f L o c h l v n x q V Q`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
@@ -135,19 +139,28 @@ impl Kline {
         }
     }
 
-    /// Folds one trade of this bucket into the K-line.
+    /// Folds one trade of this bucket into the K-line. Trade ids order the trades (Binance ids
+    /// grow with time), so a late trade can become the open but never displaces a later close.
     pub fn add(&mut self, t: &Trade) {
         if self.trade_count == 0 {
             self.open = t.price;
             self.high = t.price;
             self.low = t.price;
+            self.close = t.price;
             self.first_trade_id = t.trade_id;
+            self.last_trade_id = t.trade_id;
         } else {
             self.high = self.high.max(t.price);
             self.low = self.low.min(t.price);
+            if t.trade_id < self.first_trade_id {
+                self.open = t.price;
+                self.first_trade_id = t.trade_id;
+            }
+            if t.trade_id >= self.last_trade_id {
+                self.close = t.price;
+                self.last_trade_id = t.trade_id;
+            }
         }
-        self.close = t.price;
-        self.last_trade_id = t.trade_id;
         self.trade_count += 1;
         let qty = i128::from(t.qty);
         let quote = i128::from(t.price) * qty;
@@ -177,6 +190,8 @@ pub enum FeedState {
     Down = 2,
     /// A finite source (CSV, `--max-trades`) has ended.
     Ended = 3,
+    /// The broker is shutting down (its last heartbeat).
+    Stopped = 4,
 }
 
 impl FeedState {
@@ -186,6 +201,7 @@ impl FeedState {
             1 => FeedState::Live,
             2 => FeedState::Down,
             3 => FeedState::Ended,
+            4 => FeedState::Stopped,
             _ => return None,
         })
     }
@@ -195,6 +211,7 @@ impl FeedState {
             FeedState::Live => "live",
             FeedState::Down => "down",
             FeedState::Ended => "ended",
+            FeedState::Stopped => "stopped",
         }
     }
 }

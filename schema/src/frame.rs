@@ -197,7 +197,8 @@ pub struct FrameRef<'a> {
 }
 
 fn valid_scales(seq: Seq, price: u8, qty: u8) -> Result<(), FrameDecodeError> {
-    if price > MAX_SCALE || qty > MAX_SCALE {
+    // Quote amounts are at price + qty scale: keep that renderable exactly too.
+    if u16::from(price) + u16::from(qty) > u16::from(MAX_SCALE) {
         return Err(FrameDecodeError::InvalidField { seq, field: "scale" });
     }
     Ok(())

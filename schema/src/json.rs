@@ -8,7 +8,9 @@
 
 use std::fmt::Write as _;
 
-use crate::body::{ArchivedHeartbeat, ArchivedKline, ArchivedTrade, FeedState};
+use crate::body::{
+    ArchivedHeartbeat, ArchivedKline, ArchivedTrade, FeedState, KLINE_FLAG_EMPTY_SKIPPED, KLINE_FLAG_FEED_GAP,
+};
 use crate::decimal::Fixed;
 use crate::frame::{FrameDecodeError, FrameKind, FrameRef};
 use crate::interval::Interval;
@@ -89,7 +91,19 @@ pub fn write_frame_line(out: &mut String, frame: &FrameRef<'_>) -> Result<(), Fr
     let _ = write!(out, "{{\"seq\":{},\"kind\":\"{}\",\"E\":{},", h.seq, h.kind.as_str(), e_ms);
     let res = match h.kind {
         FrameKind::Kline => frame.kline().map(|k| {
-            let _ = write!(out, "\"s\":\"{}\",\"k\":", symbol_str(&k.symbol).as_str());
+            let _ = write!(out, "\"s\":\"{}\",", symbol_str(&k.symbol).as_str());
+            // Our markers, outside Binance's object: a re-close, a feed outage, skipped empties.
+            let rev = k.revision.to_native();
+            if rev > 0 {
+                let _ = write!(out, "\"rev\":{rev},");
+            }
+            if k.flags & KLINE_FLAG_FEED_GAP != 0 {
+                out.push_str("\"feed_gap\":true,");
+            }
+            if k.flags & KLINE_FLAG_EMPTY_SKIPPED != 0 {
+                out.push_str("\"skipped_empty\":true,");
+            }
+            out.push_str("\"k\":");
             write_kline_object(out, k);
         }),
         FrameKind::Trade => frame.trade().map(|t| write_trade_fields(out, t)),

@@ -151,6 +151,8 @@ pub struct Reader {
 }
 
 const LOG_FIRST: u64 = 10;
+/// Samples handed out per `next_batch` call at most.
+const MAX_SAMPLES_PER_BATCH: usize = 64;
 
 fn sampled(n: u64) -> bool {
     n <= LOG_FIRST || n.is_power_of_two()
@@ -234,7 +236,11 @@ impl Reader {
 
     fn drain(&mut self, f: &mut impl FnMut(&FrameRef<'_>)) -> Result<usize, BusError> {
         let mut delivered = 0;
-        while let Some(sample) = self.sub.receive()? {
+        // Bounded, so that a caller checking a deadline or a count regains control under load.
+        let mut samples = 0;
+        while samples < MAX_SAMPLES_PER_BATCH {
+            let Some(sample) = self.sub.receive()? else { break };
+            samples += 1;
             self.stats.samples += 1;
             let now = Instant::now();
             self.liveness.on_frame(now);
@@ -263,7 +269,7 @@ impl Reader {
                                 feed,
                             ) {
                                 tracing::warn!(service = self.sub.service(), last_seq = last, "publisher restarted");
-                                if self.tracker.next_expected().is_some_and(|n| last + 1 < n) {
+                                if self.tracker.next_expected().is_some_and(|n| last.saturating_add(1) < n) {
                                     self.tracker.reset();
                                 }
                             }

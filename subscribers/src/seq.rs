@@ -76,33 +76,33 @@ impl SeqTracker {
     pub fn on_data(&mut self, seq: Seq) -> SeqEvent {
         self.stats.frames += 1;
         let Some(next) = self.next else {
-            self.next = Some(seq + 1);
+            self.next = Some(seq.saturating_add(1));
             return SeqEvent::First;
         };
         if seq == next {
-            self.next = Some(seq + 1);
+            self.next = Some(seq.saturating_add(1));
             return SeqEvent::InOrder;
         }
         if seq > next {
             let missing = seq - next;
             self.add_hole(next, seq);
             self.stats.gaps += 1;
-            self.stats.missing += missing;
-            self.next = Some(seq + 1);
+            self.stats.missing = self.stats.missing.saturating_add(missing);
+            self.next = Some(seq.saturating_add(1));
             return SeqEvent::Gap { missing };
         }
         // Older than expected: a late frame filling a hole, or a duplicate.
         if let Some(i) = self.holes.iter().position(|&(a, b)| a <= seq && seq < b) {
             let (a, b) = self.holes[i];
-            match (seq == a, seq + 1 == b) {
+            match (seq == a, seq.saturating_add(1) == b) {
                 (true, true) => {
                     self.holes.remove(i);
                 }
-                (true, false) => self.holes[i].0 = seq + 1,
+                (true, false) => self.holes[i].0 = seq.saturating_add(1),
                 (false, true) => self.holes[i].1 = seq,
                 (false, false) => {
                     self.holes[i].1 = seq;
-                    self.holes.insert(i + 1, (seq + 1, b));
+                    self.holes.insert(i + 1, (seq.saturating_add(1), b));
                     if self.holes.len() > MAX_HOLES {
                         self.holes.pop_front();
                     }
@@ -121,17 +121,18 @@ impl SeqTracker {
     pub fn on_heartbeat(&mut self, last_seq: Seq) -> u64 {
         match self.next {
             Some(next) if last_seq >= next => {
-                let missing = last_seq + 1 - next;
-                self.add_hole(next, last_seq + 1);
+                let end = last_seq.saturating_add(1);
+                let missing = end - next;
+                self.add_hole(next, end);
                 self.stats.gaps += 1;
-                self.stats.missing += missing;
-                self.next = Some(last_seq + 1);
+                self.stats.missing = self.stats.missing.saturating_add(missing);
+                self.next = Some(end);
                 missing
             }
             Some(_) => 0,
             None => {
                 // Joining a running stream: data starts after the heartbeat's seq.
-                self.next = Some(last_seq + 1);
+                self.next = Some(last_seq.saturating_add(1));
                 0
             }
         }
@@ -180,6 +181,19 @@ mod tests {
         assert_eq!(t.on_heartbeat(14), 3);
         assert_eq!(t.on_data(12), SeqEvent::Reordered);
         assert_eq!(t.stats().missing, 2);
+    }
+
+    #[test]
+    fn extreme_sequence_numbers_from_a_hostile_peer_do_not_panic() {
+        let mut t = SeqTracker::new();
+        t.on_data(0);
+        assert!(matches!(t.on_data(u64::MAX), SeqEvent::Gap { .. }));
+        t.on_data(u64::MAX);
+        t.on_heartbeat(u64::MAX);
+        t.on_data(u64::MAX - 1);
+        let mut t = SeqTracker::new();
+        t.on_heartbeat(u64::MAX);
+        t.on_data(3);
     }
 
     #[test]

@@ -51,6 +51,8 @@ pub struct BrokerSection {
     pub heartbeat_ms: u64,
     pub tick_ms: u64,
     pub close_grace_ms: i64,
+    pub late_policy: String,
+    pub max_empty_run: u32,
     pub core: Option<usize>,
 }
 
@@ -66,6 +68,8 @@ impl Default for BrokerSection {
             heartbeat_ms: 50,
             tick_ms: 10,
             close_grace_ms: 200,
+            late_policy: "drop".into(),
+            max_empty_run: 1000,
             core: None,
         }
     }
@@ -109,6 +113,20 @@ impl Config {
         }
         if !(self.broker.speed >= 0.0 && self.broker.speed.is_finite()) {
             bail!("broker.speed = {} must be 0 or positive", self.broker.speed);
+        }
+        for (i, x) in self.broker.symbols.iter().enumerate() {
+            if self.broker.symbols[..i].iter().any(|y| y.eq_ignore_ascii_case(x)) {
+                bail!("broker.symbols: {x} is listed twice");
+            }
+        }
+        if self.broker.symbols.is_empty() {
+            bail!("broker.symbols must name at least one symbol");
+        }
+        if !matches!(self.broker.late_policy.as_str(), "drop" | "amend") {
+            bail!("broker.late_policy = {:?}: expected \"drop\" or \"amend\"", self.broker.late_policy);
+        }
+        if self.broker.max_empty_run == 0 {
+            bail!("broker.max_empty_run must be at least 1");
         }
         if self.broker.close_grace_ms < 0 {
             bail!("broker.close_grace_ms = {} must not be negative", self.broker.close_grace_ms);

@@ -3,6 +3,8 @@
 //! Upstream: the command line, `MDBUS_*` environment, TOML config. Downstream: the broker
 //! (`mdbus-publisher`), the client library (`mdbus-subscribers`) and the benchmarks.
 
+#![forbid(unsafe_code)]
+
 mod cmd;
 mod config;
 mod signals;

@@ -179,12 +179,18 @@ fn closed_klines_of_every_interval_equal_an_oracle_from_the_recorded_trades() {
     let dir = TempDir::new("oracle");
     let rec = dir.0.join("rec");
     let rec_s = rec.to_str().unwrap();
+    // Deep reader queues: the test demands zero loss from a debug-build tail on a busy machine.
+    let conf = dir.0.join("deep.toml");
+    std::fs::write(&conf, "[bus]\nsubscriber_buffer = 2048\nmax_subscribers = 2\n").unwrap();
+    let conf_s = conf.to_str().unwrap();
     // Simulated time across 2021-03-01T00:00Z: a Monday, a month start and a 3d boundary, so every
     // interval from 1s to 1M closes. 40x real time, event clock.
     let broker = Proc::spawn(
         "broker",
         &[
             "broker",
+            "--config",
+            conf_s,
             "--bus",
             &bus,
             "--source",
@@ -207,7 +213,10 @@ fn closed_klines_of_every_interval_equal_an_oracle_from_the_recorded_trades() {
             "1",
         ],
     );
-    let mut tail = Proc::spawn("tail", &["tail", "--bus", &bus, "--kind", "trade,kline,heartbeat", "--timeout", "120"]);
+    let mut tail = Proc::spawn(
+        "tail",
+        &["tail", "--config", conf_s, "--bus", &bus, "--kind", "trade,kline,heartbeat", "--timeout", "120"],
+    );
     let rx = tail.lines();
 
     // Read until the feed has ended and three heartbeats have followed the last data frame.

@@ -150,3 +150,26 @@ fn demo_shows_data_and_stops_cleanly() {
     assert!(leftover_shm(&bus).is_empty(), "{:?}", leftover_shm(&bus));
     forget_bus(&bus);
 }
+
+#[test]
+fn demo_stops_every_process_and_its_shared_memory_on_ctrl_c() {
+    let bus = unique_bus("demoint");
+    let mut demo = Proc::spawn("demo", &["demo", "--bus", &bus]);
+    let rx = demo.lines();
+    // Wait until it shows data, then interrupt it as a terminal would.
+    let start = std::time::Instant::now();
+    loop {
+        let line = rx.recv_timeout(Duration::from_secs(30)).expect("demo printed nothing");
+        if line.starts_with("seq ") {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30));
+    }
+    demo.signal(rustix::process::Signal::INT);
+    let (ok, err) = demo.wait(Duration::from_secs(20));
+    let rest: Vec<String> = rx.try_iter().collect();
+    assert!(ok, "{err}\n{rest:?}");
+    assert!(rest.iter().any(|l| l.contains("stopped cleanly")), "{rest:?}");
+    assert!(leftover_shm(&bus).is_empty(), "{:?}", leftover_shm(&bus));
+    forget_bus(&bus);
+}

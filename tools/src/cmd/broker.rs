@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use mdbus_publisher::aggregator::LatePolicy;
 use mdbus_publisher::broker::{self, BrokerConfig, ClockMode};
 use mdbus_publisher::synthetic::{symbol_names, SyntheticConfig};
 
@@ -53,6 +54,9 @@ pub struct BrokerArgs {
     /// Grace after a K-line's end before the clock closes it, ms.
     #[arg(long)]
     pub close_grace_ms: Option<i64>,
+    /// Trades older than the open K-line: `drop` (counted) or `amend` (re-close with a revision).
+    #[arg(long)]
+    pub late_policy: Option<String>,
 }
 
 fn parse_symbols(s: &str) -> Result<Vec<String>> {
@@ -63,6 +67,11 @@ fn parse_symbols(s: &str) -> Result<Vec<String>> {
         return Ok(symbol_names(n));
     }
     let list: Vec<String> = s.split(',').map(|x| x.trim().to_uppercase()).filter(|x| !x.is_empty()).collect();
+    for (i, x) in list.iter().enumerate() {
+        if list[..i].contains(x) {
+            bail!("--symbols: {x} is listed twice");
+        }
+    }
     if list.is_empty() {
         bail!("--symbols {s:?}: expected a count or a comma-separated list");
     }
@@ -90,6 +99,9 @@ pub fn broker_config(cli: &Cli, a: &BrokerArgs) -> Result<BrokerConfig> {
     }
     if let Some(v) = a.close_grace_ms {
         b.close_grace_ms = v;
+    }
+    if let Some(v) = &a.late_policy {
+        b.late_policy = v.clone();
     }
     if a.core.is_some() {
         b.core = a.core;
@@ -128,6 +140,8 @@ pub fn broker_config(cli: &Cli, a: &BrokerArgs) -> Result<BrokerConfig> {
         heartbeat_ms: b.heartbeat_ms,
         tick_ms: b.tick_ms,
         close_grace_ms: b.close_grace_ms,
+        late_policy: if b.late_policy == "amend" { LatePolicy::Amend } else { LatePolicy::Drop },
+        max_empty_run: b.max_empty_run,
         record: a.record.clone(),
         wait_subscribers: a.wait_subscribers,
         core: b.core,

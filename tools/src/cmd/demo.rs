@@ -40,6 +40,9 @@ fn spawn_broker(cli: &Cli, a: &DemoArgs) -> Result<Child> {
         cmd.arg("--config").arg(c);
     }
     cmd.stdin(Stdio::null());
+    // Its own process group: a terminal's Ctrl-C reaches only the demo, which then stops the
+    // broker with one SIGTERM (a second signal would make it exit without cleaning up).
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     cmd.spawn().context("starting the broker process")
 }
 
