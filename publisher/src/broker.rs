@@ -13,6 +13,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mdbus_bus::{BusError, BusNode, StreamPublisher, StreamSettings};
@@ -20,7 +21,8 @@ use mdbus_schema::frame::header;
 use mdbus_schema::service::REALTIME_STREAM_ID;
 use mdbus_schema::{FeedState, FrameKind, FrameWriter, Heartbeat, Kline, Seq, Trade};
 
-use crate::aggregator::{Aggregator, AggregatorConfig, AggregatorStats, LatePolicy};
+use crate::aggregator::{AggregatorConfig, AggregatorStats, LatePolicy};
+use crate::engine::{Engine, EngineConfig, EngineStartError, WorkerInput, WorkerOutput};
 use crate::record::{RecordWriteError, Recorder};
 use crate::synthetic::{SymbolNamesError, SyntheticConfig, SyntheticFeed};
 
@@ -51,7 +53,12 @@ pub struct BrokerConfig {
     pub record: Option<PathBuf>,
     /// Send only heartbeats until this many subscribers are connected.
     pub wait_subscribers: usize,
+    /// Core of the ingest/publish thread.
     pub core: Option<usize>,
+    /// Aggregation workers (symbols are partitioned across them).
+    pub workers: usize,
+    /// Cores for the workers (worker i on `worker_cores[i % len]`); empty: unpinned.
+    pub worker_cores: Vec<usize>,
 }
 
 /// Why the broker stopped with an error.
@@ -63,6 +70,8 @@ pub enum BrokerRunError {
     Record(#[from] RecordWriteError),
     #[error(transparent)]
     Symbols(#[from] SymbolNamesError),
+    #[error(transparent)]
+    Engine(#[from] EngineStartError),
     #[error("frame encoding failed at seq {0}")]
     Encode(Seq),
 }
@@ -95,9 +104,40 @@ struct Batcher {
     ts_recv_ns: i64,
     last_send: Instant,
     report: BrokerReport,
+    /// First error met while taking worker outputs (reported after the drain).
+    error: Option<BrokerRunError>,
+    flush_after_trade: bool,
 }
 
 impl Batcher {
+    /// Turns one worker output into frames.
+    fn take(&mut self, o: WorkerOutput) {
+        if self.error.is_some() {
+            return;
+        }
+        let r = match o {
+            WorkerOutput::Trade { trade, recv_ns } => {
+                self.ts_event_ns = trade.time_us.saturating_mul(1000);
+                self.ts_recv_ns = recv_ns;
+                self.trade(&trade).and_then(|()| if self.flush_after_trade { self.flush() } else { Ok(()) })
+            }
+            WorkerOutput::Closed { kline, ts_event_ns, recv_ns }
+            | WorkerOutput::Update { kline, ts_event_ns, recv_ns } => {
+                self.ts_event_ns = ts_event_ns;
+                self.ts_recv_ns = recv_ns;
+                self.kline(&kline)
+            }
+            // Old tables of a worker that grew: dropped here, off its hot path.
+            WorkerOutput::Retired(storage) => {
+                drop(storage);
+                Ok(())
+            }
+        };
+        if let Err(e) = r {
+            self.error = Some(e);
+        }
+    }
+
     fn room_for(&mut self, kind: FrameKind) -> Result<(), BrokerRunError> {
         if self.writer.len() + mdbus_schema::frame::encoded_frame_len(kind) > self.max {
             self.flush()?;
@@ -173,26 +213,51 @@ fn pin(core: Option<usize>) {
     }
 }
 
-/// Runs the broker until `stop` is set (or forever). The feed ending does not stop it: it keeps
+/// Control of a running broker from other threads (signal handlers).
+#[derive(Debug, Default, Clone)]
+pub struct BrokerControl {
+    /// Stop cleanly (SIGINT / SIGTERM).
+    pub stop: Arc<AtomicBool>,
+    /// Re-read the symbol list (SIGHUP) through the `symbols_source` given to [`run`].
+    pub reload: Arc<AtomicBool>,
+}
+
+/// Where a reload gets the new symbol list from (the config file, re-read).
+pub type SymbolsSource = Box<dyn Fn() -> Result<Vec<String>, String> + Send>;
+
+/// Runs the broker until `control.stop` is set. The feed ending does not stop it: it keeps
 /// heartbeating with `feed = ended` so readers can tell the end of data from a dead publisher.
-pub fn run(config: &BrokerConfig, stop: &AtomicBool) -> Result<BrokerReport, BrokerRunError> {
+pub fn run(
+    config: &BrokerConfig,
+    control: &BrokerControl,
+    symbols_source: Option<&SymbolsSource>,
+) -> Result<BrokerReport, BrokerRunError> {
     pin(config.core);
+    let stop = &*control.stop;
     let mut feed = SyntheticFeed::new(&config.feed)?;
     let specs = feed.specs();
-    let mut agg = Aggregator::new(
-        &specs,
-        AggregatorConfig {
+    let engine_config = EngineConfig {
+        workers: config.workers,
+        cores: config.worker_cores.clone(),
+        queue_capacity: 8192,
+        aggregator: AggregatorConfig {
             close_grace_ms: config.close_grace_ms,
             late_policy: config.late_policy,
             max_empty_run: config.max_empty_run,
             snapshots: false,
         },
-    );
+    };
+    let mut engine = Engine::start(&engine_config, &specs)?;
     let mut recorder = config.record.as_deref().map(Recorder::new).transpose()?;
 
     let node = BusNode::open(&config.bus, "broker")?;
     let publisher = node.publisher("realtime", config.stream)?;
-    tracing::info!(service = publisher.service(), symbols = specs.len(), "broker publishing");
+    tracing::info!(
+        service = publisher.service(),
+        symbols = specs.len(),
+        workers = engine.workers(),
+        "broker publishing"
+    );
     let max = publisher.max_sample_bytes();
     let mut out = Batcher {
         publisher,
@@ -203,6 +268,8 @@ pub fn run(config: &BrokerConfig, stop: &AtomicBool) -> Result<BrokerReport, Bro
         ts_recv_ns: 0,
         last_send: Instant::now(),
         report: BrokerReport::default(),
+        error: None,
+        flush_after_trade: false,
     };
     let started_at_ns = now_ns();
     let publisher_id = rand::random::<u64>();
@@ -236,11 +303,17 @@ pub fn run(config: &BrokerConfig, stop: &AtomicBool) -> Result<BrokerReport, Bro
     let mut feed_state = FeedState::Live;
     let mut feed_ended_told = false;
     let mut event_clock_ms = i64::MIN;
+    let mut last_tick_ms = i64::MIN;
     let tick = Duration::from_millis(config.tick_ms.max(1));
     let mut last_hb = Instant::now();
     const MAX_TRADES_PER_ROUND: usize = 4096;
 
     while !stop.load(Ordering::Relaxed) {
+        if control.reload.swap(false, Ordering::Relaxed) {
+            if let Some(source) = symbols_source {
+                reload_symbols(source, &mut feed, &mut engine, &mut out, recorder.as_mut());
+            }
+        }
         let round_start_ns = now_ns();
         // How far in event time the feed may advance this round.
         let horizon_us = match config.clock {
@@ -262,54 +335,34 @@ pub fn run(config: &BrokerConfig, stop: &AtomicBool) -> Result<BrokerReport, Bro
             if let Some(r) = recorder.as_mut() {
                 r.write(&t)?;
             }
-            out.ts_event_ns = t.time_us * 1000;
-            out.ts_recv_ns = now_ns();
-            let mut err = None;
-            agg.on_trade(&t, &mut |k| {
-                if let Err(e) = out.kline(k) {
-                    err.get_or_insert(e);
-                }
-            });
-            if let Some(e) = err {
-                return Err(e);
-            }
-            out.trade(&t)?;
+            engine.trade(t, now_ns(), &mut |o| out.take(o));
             out.report.trades += 1;
             event_clock_ms = event_clock_ms.max(t.time_ms());
-            if n == 1 && feed.peek_time_us() > horizon_us {
-                // Idle: nothing else is due, so the trade (and the closes it caused) go out now;
-                // its K-line updates follow in the next sample.
-                out.flush()?;
-            }
         }
+        // Idle (a lone trade): its frames go out as soon as the worker has made them, the trade
+        // with any closes it caused first, its K-line updates in the next sample.
+        out.flush_after_trade = n == 1 && feed.peek_time_us() > horizon_us;
         if feed_state == FeedState::Live && feed.peek_time_us() == i64::MAX {
             feed_state = FeedState::Ended;
         }
         if feed_state == FeedState::Ended && !feed_ended_told {
             // An ended feed is not a quiet market: the clock must not fabricate empty K-lines.
-            agg.set_feed_live(false);
+            engine.broadcast(|| WorkerInput::FeedDown(None), &mut |o| out.take(o));
             feed_ended_told = true;
         }
 
-        // The clock: closes K-lines nobody traded into.
+        // The clock, through the same queues as the trades: closes K-lines nobody traded into.
         let clock_ms = match config.clock {
             ClockMode::Wall => now_ns() / 1_000_000,
             ClockMode::Event => event_clock_ms,
         };
-        out.ts_event_ns = clock_ms.saturating_mul(1_000_000);
-        out.ts_recv_ns = now_ns();
-        let mut err = None;
-        agg.on_clock(clock_ms, &mut |k| {
-            if let Err(e) = out.kline(k) {
-                err.get_or_insert(e);
-            }
-        });
-        agg.drain_updates(&mut |k| {
-            if let Err(e) = out.kline(k) {
-                err.get_or_insert(e);
-            }
-        });
-        if let Some(e) = err {
+        if clock_ms > last_tick_ms {
+            last_tick_ms = clock_ms;
+            engine.broadcast(|| WorkerInput::Tick(clock_ms), &mut |o| out.take(o));
+        }
+        engine.wait_idle(&mut |o| out.take(o));
+        out.flush_after_trade = false;
+        if let Some(e) = out.error.take() {
             return Err(e);
         }
         out.flush()?;
@@ -342,7 +395,13 @@ pub fn run(config: &BrokerConfig, stop: &AtomicBool) -> Result<BrokerReport, Bro
         }
     }
 
-    // Clean stop: a last heartbeat so readers see the final seq, then files.
+    // Clean stop: the workers' last outputs, a last heartbeat so readers see the final seq.
+    let aggregator = engine.stats();
+    engine.stop(&mut |o| out.take(o));
+    if let Some(e) = out.error.take() {
+        return Err(e);
+    }
+    out.flush()?;
     hb.last_seq = out.next_seq - 1;
     hb.feed_state = FeedState::Stopped as u8;
     out.heartbeat(&hb)?;
@@ -351,6 +410,43 @@ pub fn run(config: &BrokerConfig, stop: &AtomicBool) -> Result<BrokerReport, Bro
     }
     let mut report = out.report;
     report.last_seq = out.next_seq - 1;
-    report.aggregator = agg.stats();
+    report.aggregator = aggregator;
     Ok(report)
+}
+
+/// SIGHUP: applies a new symbol list. New symbols get the next ids and start trading; symbols no
+/// longer listed stop (their open K-lines are discarded).
+fn reload_symbols(
+    source: &SymbolsSource,
+    feed: &mut SyntheticFeed,
+    engine: &mut Engine,
+    out: &mut Batcher,
+    _recorder: Option<&mut Recorder>,
+) {
+    let wanted = match source() {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::error!(error = %e, "reload failed; symbols unchanged");
+            return;
+        }
+    };
+    for (id, name) in feed.active_symbols() {
+        if !wanted.iter().any(|w| w.eq_ignore_ascii_case(&name)) {
+            feed.remove_symbol(id);
+            engine.send(engine.worker_of(id), WorkerInput::RemoveSymbol(id), &mut |o| out.take(o));
+            tracing::info!(symbol = %name, id, "symbol removed");
+        }
+    }
+    for name in &wanted {
+        if feed.active_symbols().iter().any(|(_, n)| n.eq_ignore_ascii_case(name)) {
+            continue;
+        }
+        match feed.add_symbol(name) {
+            Ok((id, spec)) => {
+                engine.add_symbol(id, spec, &mut |o| out.take(o));
+                tracing::info!(symbol = %name, id, "symbol added");
+            }
+            Err(e) => tracing::error!(error = %e, "symbol not added"),
+        }
+    }
 }

@@ -6,5 +6,6 @@
 
 pub mod aggregator;
 pub mod broker;
+pub mod engine;
 pub mod record;
 pub mod synthetic;

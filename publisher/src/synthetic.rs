@@ -79,11 +79,31 @@ struct SymState {
     last_side_buyer_maker: bool,
 }
 
+fn make_state(rng: &mut Xoshiro256PlusPlus, index: usize, name: &str) -> Result<SymState, SymbolNamesError> {
+    let symbol = Symbol::new(name).map_err(|source| SymbolNamesError { name: name.to_owned(), source })?;
+    let (price, ps, qs, lot) = match KNOWN.iter().find(|k| k.0 == symbol.as_str()) {
+        Some(k) => (k.1, k.2, k.3, k.4),
+        None => (rng.gen_range(0.5..500.0), 3, 2, 10.0),
+    };
+    let unit = 10f64.powi(i32::from(ps));
+    let qunit = 10f64.powi(i32::from(qs));
+    Ok(SymState {
+        spec: SymbolSpec { symbol, price_scale: ps, qty_scale: qs },
+        price: (price * unit).round() as i64,
+        tick: 1,
+        lot_mean: (lot * qunit).max(1.0),
+        next_id: 1_000_000 * (index as i64 + 1),
+        last_side_buyer_maker: false,
+    })
+}
+
 /// The generator. Call [`SyntheticFeed::next_trade`] for the next trade in event-time order.
 #[derive(Debug, Clone)]
 pub struct SyntheticFeed {
     rng: Xoshiro256PlusPlus,
     syms: Vec<SymState>,
+    /// Ids of the symbols still trading.
+    active: Vec<u32>,
     rate: f64,
     now_us: i64,
     regime: Regime,
@@ -97,25 +117,13 @@ impl SyntheticFeed {
         let mut rng = Xoshiro256PlusPlus::seed_from_u64(config.seed);
         let mut syms = Vec::with_capacity(config.symbols.len());
         for (i, name) in config.symbols.iter().enumerate() {
-            let symbol = Symbol::new(name).map_err(|source| SymbolNamesError { name: name.clone(), source })?;
-            let (price, ps, qs, lot) = match KNOWN.iter().find(|k| k.0 == symbol.as_str()) {
-                Some(k) => (k.1, k.2, k.3, k.4),
-                None => (rng.gen_range(0.5..500.0), 3, 2, 10.0),
-            };
-            let unit = 10f64.powi(i32::from(ps));
-            let qunit = 10f64.powi(i32::from(qs));
-            syms.push(SymState {
-                spec: SymbolSpec { symbol, price_scale: ps, qty_scale: qs },
-                price: (price * unit).round() as i64,
-                tick: 1,
-                lot_mean: (lot * qunit).max(1.0),
-                next_id: 1_000_000 * (i as i64 + 1),
-                last_side_buyer_maker: false,
-            });
+            syms.push(make_state(&mut rng, i, name)?);
         }
+        let active = (0..syms.len() as u32).collect();
         Ok(SyntheticFeed {
             rng,
             syms,
+            active,
             rate: config.rate.max(0.001),
             now_us: config.start_us,
             regime: Regime::Normal,
@@ -128,6 +136,26 @@ impl SyntheticFeed {
     /// The symbols in id order (id = index).
     pub fn specs(&self) -> Vec<SymbolSpec> {
         self.syms.iter().map(|s| s.spec).collect()
+    }
+
+    /// (id, name) of the symbols still trading.
+    pub fn active_symbols(&self) -> Vec<(u32, String)> {
+        self.active.iter().map(|&i| (i, self.syms[i as usize].spec.symbol.as_str().to_owned())).collect()
+    }
+
+    /// Starts trading a new symbol; returns its id (the next one) and spec.
+    pub fn add_symbol(&mut self, name: &str) -> Result<(u32, SymbolSpec), SymbolNamesError> {
+        let id = self.syms.len();
+        let st = make_state(&mut self.rng, id, name)?;
+        let spec = st.spec;
+        self.syms.push(st);
+        self.active.push(id as u32);
+        Ok((id as u32, spec))
+    }
+
+    /// Stops trading a symbol (its id is never reused).
+    pub fn remove_symbol(&mut self, id: u32) {
+        self.active.retain(|&i| i != id);
     }
 
     /// Trades produced so far.
@@ -160,13 +188,13 @@ impl SyntheticFeed {
     /// Produces the next trade, or `None` once `max_trades` is reached. Advances event time by an
     /// exponential gap at the current regime's rate.
     pub fn next_trade(&mut self) -> Option<Trade> {
-        if self.max.is_some_and(|m| self.produced >= m) || self.syms.is_empty() {
+        if self.max.is_some_and(|m| self.produced >= m) || self.active.is_empty() {
             return None;
         }
         if self.now_us >= self.regime_until_us {
             self.switch_regime();
         }
-        let i = self.rng.gen_range(0..self.syms.len());
+        let i = self.active[self.rng.gen_range(0..self.active.len())] as usize;
         let flip: f64 = self.rng.gen();
         let walk: f64 = self.rng.gen();
         let size: f64 = self.rng.gen();

@@ -54,6 +54,8 @@ pub struct BrokerSection {
     pub late_policy: String,
     pub max_empty_run: u32,
     pub core: Option<usize>,
+    pub workers: usize,
+    pub cores: Vec<usize>,
 }
 
 impl Default for BrokerSection {
@@ -71,6 +73,8 @@ impl Default for BrokerSection {
             late_policy: "drop".into(),
             max_empty_run: 1000,
             core: None,
+            workers: 1,
+            cores: Vec::new(),
         }
     }
 }
@@ -124,6 +128,9 @@ impl Config {
         }
         if !matches!(self.broker.late_policy.as_str(), "drop" | "amend") {
             bail!("broker.late_policy = {:?}: expected \"drop\" or \"amend\"", self.broker.late_policy);
+        }
+        if self.broker.workers == 0 || self.broker.workers > 256 {
+            bail!("broker.workers = {} must be within 1..=256", self.broker.workers);
         }
         if self.broker.max_empty_run == 0 {
             bail!("broker.max_empty_run must be at least 1");

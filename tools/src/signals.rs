@@ -17,3 +17,10 @@ pub fn stop_flag() -> Result<Arc<AtomicBool>> {
     }
     Ok(flag)
 }
+
+/// A flag set by each SIGHUP (reload the configuration).
+pub fn reload_flag() -> Result<Arc<AtomicBool>> {
+    let flag = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&flag)).context("installing SIGHUP handler")?;
+    Ok(flag)
+}

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use mdbus_publisher::aggregator::LatePolicy;
-use mdbus_publisher::broker::{self, BrokerConfig, ClockMode};
+use mdbus_publisher::broker::{self, BrokerConfig, BrokerControl, ClockMode, SymbolsSource};
 use mdbus_publisher::synthetic::{symbol_names, SyntheticConfig};
 
 use crate::config::Config;
@@ -45,9 +45,15 @@ pub struct BrokerArgs {
     /// Send only heartbeats until this many subscribers are connected.
     #[arg(long, default_value_t = 0)]
     pub wait_subscribers: usize,
-    /// Pin the broker thread to this core.
+    /// Pin the ingest/publish thread to this core.
     #[arg(long, env = "MDBUS_CORE")]
     pub core: Option<usize>,
+    /// Aggregation worker threads (symbols are partitioned across them).
+    #[arg(long, env = "MDBUS_WORKERS")]
+    pub workers: Option<usize>,
+    /// Cores for the workers, comma-separated (worker i on the i-th, cycling).
+    #[arg(long, env = "MDBUS_CORES", value_delimiter = ',')]
+    pub cores: Option<Vec<usize>>,
     /// Heartbeat after this many ms of silence (1..=100).
     #[arg(long)]
     pub heartbeat_ms: Option<u64>,
@@ -106,6 +112,12 @@ pub fn broker_config(cli: &Cli, a: &BrokerArgs) -> Result<BrokerConfig> {
     if a.core.is_some() {
         b.core = a.core;
     }
+    if let Some(w) = a.workers {
+        b.workers = w;
+    }
+    if let Some(c) = &a.cores {
+        b.cores = c.clone();
+    }
     if let Some(s) = &a.symbols {
         b.symbols = parse_symbols(s)?;
     }
@@ -145,14 +157,22 @@ pub fn broker_config(cli: &Cli, a: &BrokerArgs) -> Result<BrokerConfig> {
         record: a.record.clone(),
         wait_subscribers: a.wait_subscribers,
         core: b.core,
+        workers: b.workers,
+        worker_cores: b.cores.clone(),
     })
 }
 
 pub fn run(cli: &Cli, a: &BrokerArgs) -> Result<ExitCode> {
     let config = broker_config(cli, a)?;
-    let stop = crate::signals::stop_flag()?;
-    tracing::info!(bus = %config.bus, symbols = config.feed.symbols.len(), rate = config.feed.rate, clock = ?config.clock, "broker starting");
-    let report = broker::run(&config, &stop).context("broker stopped")?;
+    let control = BrokerControl { stop: crate::signals::stop_flag()?, reload: crate::signals::reload_flag()? };
+    tracing::info!(bus = %config.bus, symbols = config.feed.symbols.len(), rate = config.feed.rate, clock = ?config.clock, workers = config.workers, "broker starting");
+    // SIGHUP re-reads the config file's broker.symbols (add / remove symbols while running).
+    let file = cli.config.clone();
+    let source: SymbolsSource = Box::new(move || match &file {
+        Some(path) => Config::load(Some(path)).map(|c| c.broker.symbols).map_err(|e| format!("{e:#}")),
+        None => Err("no --config file to reload".into()),
+    });
+    let report = broker::run(&config, &control, Some(&source)).context("broker stopped")?;
     tracing::info!(
         trades = report.trades,
         frames = report.frames,

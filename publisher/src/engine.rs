@@ -1,0 +1,418 @@
+//! The partitioned K-line engine: N aggregation workers, each a thread (optionally pinned) that
+//! owns the [`Aggregator`] of its symbols, fed and drained through bounded lock-free SPSC queues.
+//!
+//! Upstream: the broker's ingest thread, through [`Engine::send`] — trades, clock ticks, feed
+//! state and symbol changes travel down the same queue per worker, so a tick is never overtaken
+//! by an earlier trade (one rollover authority per symbol, in order).
+//! Downstream: [`Engine::drain`] hands the ingest/publish thread every trade (passed through, so
+//! it keeps its place before or after the closes it caused), every closed K-line and the
+//! conflated K-line updates, worker by worker in order.
+//!
+//! Symbol `g` (the broker's dense id) lives on worker `g % N` at local index `g / N`. Workers
+//! never allocate: their tables are sized up front, and when a worker's table is full the ingest
+//! thread allocates bigger storage and sends it down the queue ([`WorkerInput::Adopt`]); the worker
+//! moves its state in and sends the old storage back to be dropped on the ingest side.
+//! An idle worker spins briefly, then parks; the producer unparks it only when it is parked.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_utils::CachePadded;
+use mdbus_schema::{Kline, Trade};
+use rtrb::{Consumer, Producer, RingBuffer};
+
+use crate::aggregator::{Aggregator, AggregatorConfig, AggregatorStats, AggregatorStorage, SymbolSpec};
+
+/// A message to a worker.
+#[derive(Debug)]
+pub enum WorkerInput {
+    Trade {
+        trade: Trade,
+        recv_ns: i64,
+    },
+    /// The source's clock (ms): close what ended before `now - grace`.
+    Tick(i64),
+    /// Feed state of one symbol (global id) or, with `None`, of all.
+    FeedDown(Option<u32>),
+    FeedUp {
+        symbol: Option<u32>,
+        backfilled: bool,
+    },
+    AddSymbol(SymbolSpec),
+    RemoveSymbol(u32),
+    /// Bigger tables, allocated off the hot path.
+    Adopt(Box<AggregatorStorage>),
+}
+
+/// What a worker produced, in order.
+#[derive(Debug)]
+pub enum WorkerOutput {
+    Trade {
+        trade: Trade,
+        recv_ns: i64,
+    },
+    /// A closed (or amended) K-line; `ts_event_ns` is what caused it (trade or tick time).
+    Closed {
+        kline: Kline,
+        ts_event_ns: i64,
+        recv_ns: i64,
+    },
+    /// The current state of an open K-line that changed (conflated per batch).
+    Update {
+        kline: Kline,
+        ts_event_ns: i64,
+        recv_ns: i64,
+    },
+    /// The tables replaced by an `Adopt`, to be dropped by the receiver.
+    Retired(Box<AggregatorStorage>),
+}
+
+/// Engine settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineConfig {
+    pub workers: usize,
+    /// Core per worker (`cores[i % len]`); empty: unpinned.
+    pub cores: Vec<usize>,
+    pub queue_capacity: usize,
+    pub aggregator: AggregatorConfig,
+}
+
+struct Shared {
+    stop: AtomicBool,
+    parked: CachePadded<AtomicBool>,
+    /// Inputs fully processed (outputs pushed), for [`Engine::wait_idle`].
+    processed: CachePadded<AtomicU64>,
+    stats: std::sync::Mutex<AggregatorStats>,
+}
+
+struct WorkerHandle {
+    input: Producer<WorkerInput>,
+    output: Consumer<WorkerOutput>,
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+    pushed: u64,
+    /// Local symbols on this worker and its table capacity.
+    symbols: usize,
+    capacity: usize,
+}
+
+/// The running workers.
+pub struct Engine {
+    workers: Vec<WorkerHandle>,
+    snapshots: bool,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("workers", &self.workers.len()).finish_non_exhaustive()
+    }
+}
+
+/// Starting the engine failed.
+#[derive(Debug, thiserror::Error)]
+#[error("starting aggregation worker {worker}: {source}")]
+pub struct EngineStartError {
+    pub worker: usize,
+    #[source]
+    pub source: std::io::Error,
+}
+
+fn pin(core: usize, worker: usize) {
+    let ids = core_affinity::get_core_ids().unwrap_or_default();
+    match ids.into_iter().find(|c| c.id == core) {
+        Some(id) if core_affinity::set_for_current(id) => tracing::info!(worker, core, "aggregation worker pinned"),
+        _ => tracing::warn!(worker, core, "cannot pin aggregation worker to this core; running unpinned"),
+    }
+}
+
+impl Engine {
+    /// Starts `config.workers` workers for `specs` (global ids 0..n in order).
+    pub fn start(config: &EngineConfig, specs: &[SymbolSpec]) -> Result<Engine, EngineStartError> {
+        let n = config.workers.max(1);
+        let mut workers = Vec::with_capacity(n);
+        for w in 0..n {
+            let mine: Vec<SymbolSpec> = specs.iter().enumerate().filter(|(g, _)| g % n == w).map(|(_, s)| *s).collect();
+            let capacity = (mine.len() * 2).max(64);
+            let mut agg = Aggregator::with_storage(
+                AggregatorStorage::new(capacity, config.aggregator.snapshots),
+                config.aggregator,
+            );
+            for s in &mine {
+                // Invariant: capacity >= 2 × mine.len().
+                let _ = agg.add_symbol(*s);
+            }
+            let (input, worker_in) = RingBuffer::new(config.queue_capacity.max(16));
+            let (worker_out, output) = RingBuffer::new(config.queue_capacity.max(16) * 4);
+            let shared = Arc::new(Shared {
+                stop: AtomicBool::new(false),
+                parked: CachePadded::new(AtomicBool::new(false)),
+                processed: CachePadded::new(AtomicU64::new(0)),
+                stats: std::sync::Mutex::new(AggregatorStats::default()),
+            });
+            let core = (!config.cores.is_empty()).then(|| config.cores[w % config.cores.len()]);
+            let sh = Arc::clone(&shared);
+            let thread = std::thread::Builder::new()
+                .name(format!("mdbus-agg-{w}"))
+                .spawn(move || {
+                    if let Some(c) = core {
+                        pin(c, w);
+                    }
+                    run_worker(w as u32, n as u32, agg, worker_in, worker_out, &sh);
+                })
+                .map_err(|source| EngineStartError { worker: w, source })?;
+            workers.push(WorkerHandle {
+                input,
+                output,
+                shared,
+                thread: Some(thread),
+                pushed: 0,
+                symbols: mine.len(),
+                capacity,
+            });
+        }
+        Ok(Engine { workers, snapshots: config.aggregator.snapshots })
+    }
+
+    pub fn workers(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// Worker of global symbol `g`.
+    pub fn worker_of(&self, g: u32) -> usize {
+        g as usize % self.workers.len()
+    }
+
+    /// Sends `msg` to worker `w`. When its queue is full, hands waiting outputs to `sink` until
+    /// there is room (so a full output queue can never deadlock the pair).
+    pub fn send(&mut self, w: usize, mut msg: WorkerInput, sink: &mut impl FnMut(WorkerOutput)) {
+        loop {
+            let h = &mut self.workers[w];
+            match h.input.push(msg) {
+                Ok(()) => {
+                    h.pushed += 1;
+                    if h.shared.parked.load(Ordering::SeqCst) {
+                        if let Some(t) = &h.thread {
+                            t.thread().unpark();
+                        }
+                    }
+                    return;
+                }
+                Err(rtrb::PushError::Full(back)) => {
+                    msg = back;
+                    if let Some(t) = &h.thread {
+                        t.thread().unpark();
+                    }
+                    if self.drain(sink) == 0 {
+                        std::thread::yield_now();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends `msg` to every worker (ticks, feed state).
+    pub fn broadcast(&mut self, msg: impl Fn() -> WorkerInput, sink: &mut impl FnMut(WorkerOutput)) {
+        for w in 0..self.workers.len() {
+            self.send(w, msg(), sink);
+        }
+    }
+
+    /// Routes a trade to its symbol's worker.
+    pub fn trade(&mut self, trade: Trade, recv_ns: i64, sink: &mut impl FnMut(WorkerOutput)) {
+        let w = self.worker_of(trade.symbol_id);
+        self.send(w, WorkerInput::Trade { trade, recv_ns }, sink);
+    }
+
+    /// Adds a symbol with global id `g` (ids must be added in order, 0, 1, 2, …). Grows the
+    /// worker's tables first if needed, allocating here, off the worker's hot path.
+    pub fn add_symbol(&mut self, g: u32, spec: SymbolSpec, sink: &mut impl FnMut(WorkerOutput)) {
+        let w = self.worker_of(g);
+        if self.workers[w].symbols >= self.workers[w].capacity {
+            let cap = self.workers[w].capacity * 2;
+            let storage = Box::new(AggregatorStorage::new(cap, self.snapshots));
+            self.send(w, WorkerInput::Adopt(storage), sink);
+            self.workers[w].capacity = cap;
+        }
+        self.workers[w].symbols += 1;
+        self.send(w, WorkerInput::AddSymbol(spec), sink);
+    }
+
+    /// Hands every output waiting in the workers' queues to `sink`, worker by worker. Returns how
+    /// many there were.
+    pub fn drain(&mut self, sink: &mut impl FnMut(WorkerOutput)) -> usize {
+        let mut n = 0;
+        for h in &mut self.workers {
+            while let Ok(out) = h.output.pop() {
+                n += 1;
+                sink(out);
+            }
+        }
+        n
+    }
+
+    /// Waits until every worker has processed everything sent to it, draining outputs meanwhile.
+    pub fn wait_idle(&mut self, sink: &mut impl FnMut(WorkerOutput)) {
+        let start = Instant::now();
+        loop {
+            self.drain(sink);
+            let busy = self.workers.iter().any(|h| h.shared.processed.load(Ordering::Acquire) < h.pushed);
+            if !busy {
+                // Everything processed; its outputs were pushed before `processed` moved.
+                self.drain(sink);
+                return;
+            }
+            if start.elapsed() > Duration::from_micros(50) {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+    }
+
+    /// Sum of the workers' aggregator counters (refreshed by each worker after every batch).
+    pub fn stats(&self) -> AggregatorStats {
+        let mut t = AggregatorStats::default();
+        for h in &self.workers {
+            let s = h.shared.stats.lock().map(|g| *g).unwrap_or_default();
+            t.trades += s.trades;
+            t.late_trades += s.late_trades;
+            t.amended_klines += s.amended_klines;
+            t.unknown_symbol_trades += s.unknown_symbol_trades;
+            t.closed += s.closed;
+            t.empty_opened += s.empty_opened;
+            t.empty_skipped += s.empty_skipped;
+            t.feed_gaps += s.feed_gaps;
+        }
+        t
+    }
+
+    /// Stops and joins the workers (after draining their outputs into `sink`).
+    pub fn stop(mut self, sink: &mut impl FnMut(WorkerOutput)) {
+        self.wait_idle(sink);
+        for h in &mut self.workers {
+            h.shared.stop.store(true, Ordering::SeqCst);
+            if let Some(t) = h.thread.take() {
+                t.thread().unpark();
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        for h in &mut self.workers {
+            h.shared.stop.store(true, Ordering::SeqCst);
+            if let Some(t) = h.thread.take() {
+                t.thread().unpark();
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+/// Pushes `out`, waiting (never dropping) while the consumer catches up.
+fn push_out(q: &mut Producer<WorkerOutput>, mut out: WorkerOutput, shared: &Shared) {
+    loop {
+        match q.push(out) {
+            Ok(()) => return,
+            Err(rtrb::PushError::Full(back)) => {
+                if shared.stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                out = back;
+                std::thread::yield_now();
+            }
+        }
+    }
+}
+
+fn run_worker(
+    w: u32,
+    n: u32,
+    mut agg: Aggregator,
+    mut input: Consumer<WorkerInput>,
+    mut output: Producer<WorkerOutput>,
+    shared: &Shared,
+) {
+    let mut processed: u64 = 0;
+    let mut idle_since: Option<Instant> = None;
+    // Time of what is being processed, stamped on the K-lines it produces.
+    let mut ts_event_ns = 0i64;
+    let mut recv_ns = 0i64;
+    let local = |g: u32| g / n;
+    loop {
+        let mut batch = 0u32;
+        while let Ok(msg) = input.pop() {
+            batch += 1;
+            let out = &mut output;
+            match msg {
+                WorkerInput::Trade { trade, recv_ns: r } => {
+                    ts_event_ns = trade.time_us.saturating_mul(1000);
+                    recv_ns = r;
+                    agg.on_trade_at(local(trade.symbol_id), &trade, &mut |k| {
+                        push_out(out, WorkerOutput::Closed { kline: *k, ts_event_ns, recv_ns }, shared)
+                    });
+                    push_out(out, WorkerOutput::Trade { trade, recv_ns: r }, shared);
+                }
+                WorkerInput::Tick(ms) => {
+                    ts_event_ns = ms.saturating_mul(1_000_000);
+                    agg.on_clock(ms, &mut |k| {
+                        push_out(out, WorkerOutput::Closed { kline: *k, ts_event_ns, recv_ns }, shared)
+                    });
+                }
+                WorkerInput::FeedDown(None) => agg.set_feed_live(false),
+                WorkerInput::FeedDown(Some(g)) => agg.feed_down(local(g)),
+                WorkerInput::FeedUp { symbol: None, backfilled } => {
+                    for id in 0..agg.symbol_count() as u32 {
+                        agg.feed_up(id, backfilled);
+                    }
+                }
+                WorkerInput::FeedUp { symbol: Some(g), backfilled } => agg.feed_up(local(g), backfilled),
+                WorkerInput::AddSymbol(spec) => {
+                    if agg.add_symbol(spec).is_err() {
+                        tracing::error!(worker = w, symbol = %spec.symbol, "symbol table full; symbol not added");
+                    }
+                }
+                WorkerInput::RemoveSymbol(g) => {
+                    agg.remove_symbol(local(g));
+                }
+                WorkerInput::Adopt(storage) => {
+                    let old = agg.adopt(*storage);
+                    push_out(out, WorkerOutput::Retired(Box::new(old)), shared);
+                }
+            }
+            processed += 1;
+            // Conflated updates at the end of a batch (or every 256 inputs under load).
+            if input.is_empty() || batch % 256 == 0 {
+                agg.drain_updates(&mut |k| {
+                    push_out(out, WorkerOutput::Update { kline: *k, ts_event_ns, recv_ns }, shared)
+                });
+                shared.processed.store(processed, Ordering::Release);
+            }
+        }
+        if batch > 0 {
+            if let Ok(mut s) = shared.stats.try_lock() {
+                *s = agg.stats();
+            }
+            idle_since = None;
+            continue;
+        }
+        if shared.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        // Idle: spin ~50 µs, then park until unparked (or 1 ms, to re-check `stop`).
+        let since = *idle_since.get_or_insert_with(Instant::now);
+        if since.elapsed() < Duration::from_micros(50) {
+            std::hint::spin_loop();
+            continue;
+        }
+        shared.parked.store(true, Ordering::SeqCst);
+        if input.is_empty() && !shared.stop.load(Ordering::SeqCst) {
+            std::thread::park_timeout(Duration::from_millis(1));
+        }
+        shared.parked.store(false, Ordering::SeqCst);
+    }
+}
