@@ -175,6 +175,16 @@ fn as_map(k: &Value) -> BTreeMap<&'static str, Value> {
 
 #[test]
 fn closed_klines_of_every_interval_equal_an_oracle_from_the_recorded_trades() {
+    oracle_run(1);
+}
+
+#[test]
+fn three_partitioned_workers_give_the_same_klines_as_the_oracle() {
+    oracle_run(3);
+}
+
+fn oracle_run(workers: usize) {
+    let workers_s = workers.to_string();
     let bus = unique_bus("oracle");
     let dir = TempDir::new("oracle");
     let rec = dir.0.join("rec");
@@ -211,6 +221,8 @@ fn closed_klines_of_every_interval_equal_an_oracle_from_the_recorded_trades() {
             rec_s,
             "--wait-subscribers",
             "1",
+            "--workers",
+            &workers_s,
         ],
     );
     let mut tail = Proc::spawn(

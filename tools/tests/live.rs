@@ -173,3 +173,48 @@ fn demo_stops_every_process_and_its_shared_memory_on_ctrl_c() {
     assert!(leftover_shm(&bus).is_empty(), "{:?}", leftover_shm(&bus));
     forget_bus(&bus);
 }
+
+#[test]
+fn symbols_are_added_and_removed_on_sighup_without_a_restart() {
+    let bus = unique_bus("reload");
+    let dir = TempDir::new("reload");
+    let conf = dir.0.join("broker.toml");
+    let conf_s = conf.to_str().unwrap();
+    std::fs::write(&conf, "[broker]\nsymbols = [\"BTCUSDT\", \"ETHUSDT\"]\nrate = 2000.0\n").unwrap();
+    let broker = Proc::spawn(
+        "broker",
+        &["broker", "--config", conf_s, "--bus", &bus, "--wait-subscribers", "1", "--workers", "2"],
+    );
+    let mut tail =
+        Proc::spawn("tail", &["tail", "--config", conf_s, "--bus", &bus, "--kind", "trade", "--timeout", "60"]);
+    let rx = tail.lines();
+    let mut n = 0;
+    let before = collect_until(&rx, Duration::from_secs(30), |_| {
+        n += 1;
+        n >= 200
+    });
+    assert!(before.iter().all(|v| v["s"] == "BTCUSDT" || v["s"] == "ETHUSDT"));
+    assert!(before.iter().any(|v| v["s"] == "ETHUSDT"));
+
+    std::fs::write(&conf, "[broker]\nsymbols = [\"BTCUSDT\", \"SOLUSDT\"]\nrate = 2000.0\n").unwrap();
+    broker.signal(rustix::process::Signal::HUP);
+    let mut sol = 0;
+    let after = collect_until(&rx, Duration::from_secs(30), |v| {
+        if v["s"] == "SOLUSDT" {
+            sol += 1;
+        }
+        sol >= 200
+    });
+    let first_sol = after.iter().position(|v| v["s"] == "SOLUSDT").unwrap();
+    assert!(after[first_sol..].iter().all(|v| v["s"] != "ETHUSDT"), "ETHUSDT traded after its removal");
+    assert!(after[first_sol..].iter().any(|v| v["s"] == "BTCUSDT"), "BTCUSDT kept trading");
+    let seqs: Vec<u64> = before.iter().chain(&after).map(|v| v["seq"].as_u64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "one publisher, increasing seqs");
+    let (ok, err) = broker.stop(Duration::from_secs(10));
+    assert!(ok, "{err}");
+    assert!(err.contains("symbol added") && err.contains("symbol removed"), "{err}");
+    let (ok, err) = tail.stop(Duration::from_secs(10));
+    assert!(ok, "{err}");
+    assert!(err.contains("gaps 0") && err.contains("publisher restarts 0"), "{err}");
+    forget_bus(&bus);
+}
