@@ -107,6 +107,8 @@ struct SymbolState {
     resume_gap: bool,
     /// Time this symbol has been rolled to (ms); never decreases.
     watermark_ms: i64,
+    /// Earliest end (`close_time + 1`) of its open K-lines: a trade before it needs no roll.
+    roll_due_ms: i64,
     /// The open K-line per interval; `None` until the symbol's first trade.
     open: [Option<Kline>; N],
     /// The last closed K-line per interval (for amending).
@@ -251,6 +253,7 @@ impl Aggregator {
             feed_live: true,
             resume_gap: false,
             watermark_ms: i64::MIN,
+            roll_due_ms: i64::MAX,
             open: [None; N],
             last_closed: [None; N],
         });
@@ -358,11 +361,13 @@ impl Aggregator {
         let max_run = i64::from(self.config.max_empty_run);
         let base = symbol_id as usize * N;
         for i in 0..N {
-            let Some(mut k) = self.symbols[symbol_id as usize].open[i] else { continue };
+            // Look before copying: most slots have nothing to roll.
+            let Some(k) = self.symbols[symbol_id as usize].open[i].as_ref() else { continue };
             if k.close_time >= to_ms {
                 earliest = earliest.min(k.close_time + 1);
                 continue;
             }
+            let mut k = *k;
             let iv = Interval::ALL[i];
             k.closed = true;
             if gap {
@@ -421,6 +426,7 @@ impl Aggregator {
         let st = &mut self.symbols[symbol_id as usize];
         st.watermark_ms = to_ms;
         st.resume_gap = false;
+        st.roll_due_ms = earliest;
         earliest
     }
 
@@ -447,8 +453,11 @@ impl Aggregator {
         if newest_open.is_some_and(|o| ts < o) {
             return self.on_late_trade(id, t, on_close);
         }
-        let earliest = self.roll_to(id, ts, on_close);
-        self.next_deadline_ms = self.next_deadline_ms.min(earliest);
+        let st = &self.symbols[id as usize];
+        if ts >= st.roll_due_ms || st.resume_gap {
+            let earliest = self.roll_to(id, ts, on_close);
+            self.next_deadline_ms = self.next_deadline_ms.min(earliest);
+        }
         for i in 0..N {
             let st = &mut self.symbols[id as usize];
             match &mut st.open[i] {
@@ -457,6 +466,8 @@ impl Aggregator {
                     let iv = Interval::ALL[i];
                     let k = Kline::open_with(iv, iv.open_time(ts), t);
                     self.next_deadline_ms = self.next_deadline_ms.min(k.close_time + 1);
+                    st.roll_due_ms = st.roll_due_ms.min(k.close_time + 1);
+                    st.watermark_ms = st.watermark_ms.max(ts);
                     *slot = Some(k);
                 }
             }

@@ -8,15 +8,26 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use mdbus_publisher::aggregator::{Aggregator, AggregatorConfig};
 use mdbus_publisher::synthetic::{symbol_names, SyntheticConfig, SyntheticFeed};
 use mdbus_schema::frame::{encoded_frame_len, header};
+use mdbus_schema::Kline;
 use mdbus_schema::{FrameKind, FrameWriter};
 
 struct Counting;
 static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
 
+thread_local! {
+    // Per thread: tests run in parallel and must not count each other's allocations.
+    static MINE: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+fn count() {
+    ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+    let _ = MINE.try_with(|c| c.set(c.get() + 1));
+}
+
 // SAFETY: forwards every call unchanged to the system allocator; only counts allocations.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        count();
         // SAFETY: same contract as our caller's.
         unsafe { System.alloc(layout) }
     }
@@ -25,7 +36,7 @@ unsafe impl GlobalAlloc for Counting {
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        count();
         // SAFETY: `ptr` came from `System` with `layout`.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
@@ -34,8 +45,68 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
+/// Allocations made by the calling thread so far.
 fn allocations() -> u64 {
-    ALLOCATIONS.load(Ordering::Relaxed)
+    MINE.with(|c| c.get())
+}
+
+/// Voluntary context switches of the calling thread so far.
+fn voluntary_switches() -> u64 {
+    let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+    status.lines().find_map(|l| l.strip_prefix("voluntary_ctxt_switches:")).map(|v| v.trim().parse().unwrap()).unwrap()
+}
+
+#[test]
+fn a_million_trades_through_aggregation_and_the_snapshot_path_allocate_nothing_and_never_block() {
+    let before = allocations();
+    let v = std::hint::black_box(vec![1u8; 10]);
+    assert!(allocations() > before, "the counter counts");
+    drop(v);
+
+    let cfg = SyntheticConfig {
+        seed: 5,
+        symbols: symbol_names(1000),
+        rate: 20_000.0,
+        start_us: 1_700_000_000_000_000,
+        max_trades: None,
+    };
+    let mut feed = SyntheticFeed::new(&cfg).unwrap();
+    let mut agg = Aggregator::new(&feed.specs(), AggregatorConfig { snapshots: true, ..AggregatorConfig::default() });
+    let mut sink = 0u64;
+    let mut run = |n: u64, agg: &mut Aggregator, sink: &mut u64| {
+        for i in 0..n {
+            let t = feed.next_trade().unwrap();
+            let mut emit = |k: &Kline| *sink = sink.wrapping_add(k.close as u64);
+            agg.on_trade(&t, &mut emit);
+            if i % 64 == 0 {
+                agg.on_clock(t.time_ms(), &mut emit);
+                agg.drain_updates(&mut emit);
+            }
+            if i % 2_000 == 0 {
+                // The delayed path: freeze, read, and commit every other snapshot (the others
+                // are merged into the next one).
+                let id = {
+                    let s = agg.take_snapshot().unwrap();
+                    *sink = sink.wrapping_add((s.open.len() + s.closed.len()) as u64);
+                    s.id
+                };
+                if i % 4_000 == 0 {
+                    assert!(agg.commit_snapshot(id));
+                }
+            }
+        }
+    };
+    // Warm-up: the closed-K-line lists reach their high-water mark.
+    run(200_000, &mut agg, &mut sink);
+    // (Reading /proc allocates: outside the counted window.)
+    let switches = voluntary_switches();
+    let allocs = allocations();
+    run(1_000_000, &mut agg, &mut sink);
+    let during = allocations() - allocs;
+    let switched = voluntary_switches() - switches;
+    assert_eq!(during, 0, "{during} allocations on the hot path");
+    assert_eq!(switched, 0, "{switched} voluntary context switches on the hot path");
+    assert!(agg.stats().closed > 10_000 && sink != 0);
 }
 
 #[test]
