@@ -97,6 +97,9 @@ pub struct AggregatorStats {
 }
 
 const N: usize = Interval::COUNT;
+/// Dirty-table slots per symbol: one per interval plus [`ALL`] ("every interval changed").
+const STRIDE: usize = N + 1;
+const ALL: usize = N;
 
 #[derive(Debug, Clone)]
 struct SymbolState {
@@ -109,7 +112,11 @@ struct SymbolState {
     watermark_ms: i64,
     /// Earliest end (`close_time + 1`) of its open K-lines: a trade before it needs no roll.
     roll_due_ms: i64,
-    /// The open K-line per interval; `None` until the symbol's first trade.
+    /// `open[0]`: the open 1s K-line, the only one a trade touches. `open[i ≥ 1]`: the *partial*
+    /// K-line of interval `i` — the closed 1s K-lines of its bucket folded together (and late
+    /// trades amended in); its live state is `partial ⊕ open[0]` ([`Aggregator::open_kline`]).
+    /// Every bucket boundary is a whole second, so a 1s bucket always lies inside one bucket of
+    /// every interval. `None` until the symbol's first trade.
     open: [Option<Kline>; N],
     /// The last closed K-line per interval (for amending).
     last_closed: [Option<Kline>; N],
@@ -133,6 +140,27 @@ impl DirtyTable {
             if *w & bit == 0 {
                 *w |= bit;
                 self.list.push(slot as u32);
+            }
+        }
+    }
+    fn is_set(&self, slot: usize) -> bool {
+        self.bits.get(slot / 64).is_some_and(|w| w & (1u64 << (slot % 64)) != 0)
+    }
+    /// Calls `f(symbol, interval)` once per marked K-line: an `ALL` mark stands for the symbol's
+    /// 16 intervals, and an interval mark of such a symbol is not repeated.
+    fn visit(&self, mut f: impl FnMut(usize, usize)) {
+        for &e in &self.list {
+            let e = e as usize;
+            if e % STRIDE == ALL {
+                for i in 0..N {
+                    f(e / STRIDE, i);
+                }
+            }
+        }
+        for &e in &self.list {
+            let e = e as usize;
+            if e % STRIDE != ALL && !self.is_set(e - e % STRIDE + ALL) {
+                f(e / STRIDE, e % STRIDE);
             }
         }
     }
@@ -164,7 +192,7 @@ pub struct AggregatorStorage {
 impl AggregatorStorage {
     /// Tables for up to `capacity` symbols (with the snapshot tables if `snapshots`).
     pub fn new(capacity: usize, snapshots: bool) -> AggregatorStorage {
-        let slots = capacity * N;
+        let slots = capacity * STRIDE;
         AggregatorStorage {
             capacity,
             symbols: Vec::with_capacity(capacity),
@@ -294,8 +322,8 @@ impl Aggregator {
     }
 
     /// The currently open K-line of a symbol and interval.
-    pub fn open_kline(&self, symbol_id: u32, interval: Interval) -> Option<&Kline> {
-        self.symbols.get(symbol_id as usize)?.open[interval.index()].as_ref()
+    pub fn open_kline(&self, symbol_id: u32, interval: Interval) -> Option<Kline> {
+        view(&self.symbols, symbol_id as usize, interval.index())
     }
 
     /// The symbol's feed is down: the clock closes none of its K-lines until [`feed_up`].
@@ -359,7 +387,7 @@ impl Aggregator {
         let to_ms = to_ms.max(state.watermark_ms);
         let gap = state.resume_gap;
         let max_run = i64::from(self.config.max_empty_run);
-        let base = symbol_id as usize * N;
+        let base = symbol_id as usize * STRIDE;
         for i in 0..N {
             // Look before copying: most slots have nothing to roll.
             let Some(k) = self.symbols[symbol_id as usize].open[i].as_ref() else { continue };
@@ -375,6 +403,13 @@ impl Aggregator {
                 self.stats.feed_gaps += 1;
             }
             self.emit_close(&k, on_close);
+            if i == 0 {
+                // The 1s bucket is final: fold it into every coarser partial (they come later in
+                // this loop, so a coarser K-line closing now includes it).
+                for p in self.symbols[symbol_id as usize].open[1..].iter_mut().flatten() {
+                    p.merge(&k);
+                }
+            }
             let prev_close = k.close;
             let target = iv.open_time(to_ms);
             let mut next = iv.next_open(k.open_time);
@@ -447,7 +482,7 @@ impl Aggregator {
             }
         }
         let ts = t.time_ms();
-        let base = id as usize * N;
+        let base = id as usize * STRIDE;
         // Late: older than the newest open K-line (the 1s one opens last).
         let newest_open = self.symbols[id as usize].open[Interval::S1.index()].map(|k| k.open_time);
         if newest_open.is_some_and(|o| ts < o) {
@@ -458,21 +493,29 @@ impl Aggregator {
             let earliest = self.roll_to(id, ts, on_close);
             self.next_deadline_ms = self.next_deadline_ms.min(earliest);
         }
-        for i in 0..N {
-            let st = &mut self.symbols[id as usize];
-            match &mut st.open[i] {
-                Some(k) => k.add(t),
-                slot @ None => {
+        let st = &mut self.symbols[id as usize];
+        match &mut st.open[0] {
+            // The hot path: one K-line touched, one mark.
+            Some(k) => k.add(t),
+            None => {
+                // First trade: the 1s K-line opens with it, every coarser interval with an empty
+                // partial of its bucket.
+                for (i, slot) in st.open.iter_mut().enumerate() {
                     let iv = Interval::ALL[i];
-                    let k = Kline::open_with(iv, iv.open_time(ts), t);
-                    self.next_deadline_ms = self.next_deadline_ms.min(k.close_time + 1);
-                    st.roll_due_ms = st.roll_due_ms.min(k.close_time + 1);
-                    st.watermark_ms = st.watermark_ms.max(ts);
+                    let k = if i == 0 {
+                        Kline::open_with(iv, iv.open_time(ts), t)
+                    } else {
+                        Kline::empty(iv, iv.open_time(ts), t.symbol, t.symbol_id, t.price_scale, t.qty_scale, t.price)
+                    };
                     *slot = Some(k);
                 }
+                let end = Interval::S1.next_open(Interval::S1.open_time(ts));
+                st.roll_due_ms = end;
+                st.watermark_ms = st.watermark_ms.max(ts);
+                self.next_deadline_ms = self.next_deadline_ms.min(end);
             }
-            self.mark(base + i);
         }
+        self.mark(base + ALL);
         self.stats.trades += 1;
         TradeOutcome::Accepted
     }
@@ -484,11 +527,12 @@ impl Aggregator {
         }
         let id = id as usize;
         let ts = t.time_ms();
-        let base = id * N;
+        let base = id * STRIDE;
         let mut used = false;
         for i in 0..N {
             let st = &mut self.symbols[id];
-            if let Some(k) = st.open[i].as_mut().filter(|k| ts >= k.open_time) {
+            // Coarser partials take the trade directly when it is inside their open bucket.
+            if let Some(k) = st.open[i].as_mut().filter(|k| i > 0 && ts >= k.open_time) {
                 k.add(t);
                 used = true;
                 self.mark(base + i);
@@ -535,12 +579,12 @@ impl Aggregator {
 
     /// Calls `f` once for every open K-line changed since the last drain, then clears the table.
     pub fn drain_updates(&mut self, f: &mut impl FnMut(&Kline)) {
-        for &slot in &self.updates.list {
-            let slot = slot as usize;
-            if let Some(k) = self.symbols.get(slot / N).and_then(|s| s.open[slot % N].as_ref()) {
-                f(k);
+        let symbols = &self.symbols;
+        self.updates.visit(|sym, i| {
+            if let Some(k) = view(symbols, sym, i) {
+                f(&k);
             }
-        }
+        });
         self.updates.clear();
     }
 
@@ -554,7 +598,7 @@ impl Aggregator {
     pub fn take_snapshot(&mut self) -> Option<Snapshot<'_>> {
         let snap = self.snapshot.as_mut()?;
         let symbols = &self.symbols;
-        Some(snap.take(|slot| symbols.get(slot / N).and_then(|s| s.open[slot % N])))
+        Some(snap.take(|sym, i| view(symbols, sym, i)))
     }
 
     /// The consumer made snapshot `id` durable: forget it. A stale id (one merged into a newer
@@ -600,7 +644,7 @@ impl SnapshotTables {
         std::mem::replace(self, fresh)
     }
 
-    fn take(&mut self, current: impl Fn(usize) -> Option<Kline>) -> Snapshot<'_> {
+    fn take(&mut self, current: impl Fn(usize, usize) -> Option<Kline>) -> Snapshot<'_> {
         // An uncommitted frozen snapshot is merged into this one, so nothing is lost.
         for &slot in &self.dirty.list {
             self.frozen_slots.mark(slot as usize);
@@ -609,11 +653,12 @@ impl SnapshotTables {
         self.frozen_closed.extend_from_slice(&self.closed);
         self.closed.clear();
         self.frozen_open.clear();
-        for &slot in &self.frozen_slots.list {
-            if let Some(k) = current(slot as usize) {
-                self.frozen_open.push(k);
+        let open = &mut self.frozen_open;
+        self.frozen_slots.visit(|sym, i| {
+            if let Some(k) = current(sym, i) {
+                open.push(k);
             }
-        }
+        });
         let id = self.next_id;
         self.next_id += 1;
         self.frozen_id = Some(id);
@@ -638,6 +683,19 @@ impl DirtyTable {
         fresh.list.extend_from_slice(&self.list);
         fresh
     }
+}
+
+/// The live state of a symbol's K-line of interval index `i`: the 1s K-line itself, or a coarser
+/// partial with the open 1s K-line folded in.
+fn view(symbols: &[SymbolState], sym: usize, i: usize) -> Option<Kline> {
+    let st = symbols.get(sym)?;
+    let mut k = st.open[i]?;
+    if i > 0 {
+        if let Some(s1) = &st.open[0] {
+            k.merge(s1);
+        }
+    }
+    Some(k)
 }
 
 /// A frozen snapshot: every K-line closed since the last committed snapshot, and the current
@@ -1022,7 +1080,7 @@ mod tests {
                     prop_assert_eq!(i, got.len(), "{} {}: extra closes", s, iv);
                     // The open K-line and its last update both equal the oracle's current bucket.
                     let p = s % partitions;
-                    let cur = *parts[p as usize].open_kline(s / partitions, iv).unwrap();
+                    let cur = parts[p as usize].open_kline(s / partitions, iv).unwrap();
                     prop_assert_eq!(cur, oracle_kline(&mine, s, iv, iv.open_time(to)));
                     prop_assert_eq!(last_update.get(&(s, iv as u8)).copied(), Some(cur));
                     // Volumes and counts sum exactly over closed + open.

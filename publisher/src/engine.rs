@@ -386,7 +386,7 @@ fn run_worker(
             }
             processed += 1;
             // Conflated updates at the end of a batch (or every 256 inputs under load).
-            if input.is_empty() || batch % 256 == 0 {
+            if input.is_empty() || batch.is_multiple_of(256) {
                 agg.drain_updates(&mut |k| {
                     push_out(out, WorkerOutput::Update { kline: *k, ts_event_ns, recv_ns }, shared)
                 });

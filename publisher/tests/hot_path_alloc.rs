@@ -78,11 +78,11 @@ fn a_million_trades_through_aggregation_and_the_snapshot_path_allocate_nothing_a
             let t = feed.next_trade().unwrap();
             let mut emit = |k: &Kline| *sink = sink.wrapping_add(k.close as u64);
             agg.on_trade(&t, &mut emit);
-            if i % 64 == 0 {
+            if i.is_multiple_of(64) {
                 agg.on_clock(t.time_ms(), &mut emit);
                 agg.drain_updates(&mut emit);
             }
-            if i % 2_000 == 0 {
+            if i.is_multiple_of(2_000) {
                 // The delayed path: freeze, read, and commit every other snapshot (the others
                 // are merged into the next one).
                 let id = {
@@ -90,7 +90,7 @@ fn a_million_trades_through_aggregation_and_the_snapshot_path_allocate_nothing_a
                     *sink = sink.wrapping_add((s.open.len() + s.closed.len()) as u64);
                     s.id
                 };
-                if i % 4_000 == 0 {
+                if i.is_multiple_of(4_000) {
                     assert!(agg.commit_snapshot(id));
                 }
             }
@@ -143,7 +143,7 @@ fn a_million_trades_through_aggregation_and_framing_allocate_nothing() {
                 w.push_kline(header(FrameKind::Kline, 1, seq), k).unwrap();
             };
             agg.on_trade(&t, &mut emit);
-            if i % 64 == 0 {
+            if i.is_multiple_of(64) {
                 agg.on_clock(t.time_ms(), &mut emit);
                 agg.drain_updates(&mut emit);
             }

@@ -173,6 +173,39 @@ impl Kline {
         }
     }
 
+    /// Folds `o` — a K-line of a bucket inside this one (a closed 1s K-line into its minute, say)
+    /// — into this one. Trade ids decide open and close, as in [`add`](Self::add); an empty `o`
+    /// changes nothing.
+    pub fn merge(&mut self, o: &Kline) {
+        if o.trade_count == 0 {
+            return;
+        }
+        if self.trade_count == 0 {
+            self.open = o.open;
+            self.high = o.high;
+            self.low = o.low;
+            self.close = o.close;
+            self.first_trade_id = o.first_trade_id;
+            self.last_trade_id = o.last_trade_id;
+        } else {
+            self.high = self.high.max(o.high);
+            self.low = self.low.min(o.low);
+            if o.first_trade_id < self.first_trade_id {
+                self.open = o.open;
+                self.first_trade_id = o.first_trade_id;
+            }
+            if o.last_trade_id >= self.last_trade_id {
+                self.close = o.close;
+                self.last_trade_id = o.last_trade_id;
+            }
+        }
+        self.trade_count += o.trade_count;
+        self.volume += o.volume;
+        self.quote_volume += o.quote_volume;
+        self.taker_buy_volume += o.taker_buy_volume;
+        self.taker_buy_quote_volume += o.taker_buy_quote_volume;
+    }
+
     pub fn interval(&self) -> Option<Interval> {
         Interval::from_u8(self.interval)
     }
