@@ -94,6 +94,9 @@ pub struct AggregatorStats {
     pub empty_skipped: u64,
     /// K-lines closed with `KLINE_FLAG_FEED_GAP`.
     pub feed_gaps: u64,
+    /// Under the amend policy: (trade, interval) pairs where a late trade was older than both the
+    /// open and the last closed K-line, so that interval does not include it.
+    pub late_interval_drops: u64,
 }
 
 const N: usize = Interval::COUNT;
@@ -343,6 +346,7 @@ impl Aggregator {
                 s.resume_gap = true;
             }
             s.feed_live = true;
+            self.next_deadline_ms = i64::MIN;
         }
     }
 
@@ -393,6 +397,12 @@ impl Aggregator {
             let Some(k) = self.symbols[symbol_id as usize].open[i].as_ref() else { continue };
             if k.close_time >= to_ms {
                 earliest = earliest.min(k.close_time + 1);
+                if gap {
+                    // Still open across the outage: its data has a hole too.
+                    if let Some(k) = self.symbols[symbol_id as usize].open[i].as_mut() {
+                        k.flags |= KLINE_FLAG_FEED_GAP;
+                    }
+                }
                 continue;
             }
             let mut k = *k;
@@ -411,6 +421,7 @@ impl Aggregator {
                 }
             }
             let prev_close = k.close;
+            let mut last = k;
             let target = iv.open_time(to_ms);
             let mut next = iv.next_open(k.open_time);
             let mut flags = 0;
@@ -433,8 +444,13 @@ impl Aggregator {
                     }
                 };
                 if skip > 0 {
-                    for _ in 0..skip {
-                        next = iv.next_open(next);
+                    match iv.fixed_len_ms() {
+                        Some(len) => next += skip * len,
+                        None => {
+                            for _ in 0..skip {
+                                next = iv.next_open(next);
+                            }
+                        }
                     }
                     flags = KLINE_FLAG_EMPTY_SKIPPED;
                     self.stats.empty_skipped += skip as u64;
@@ -446,6 +462,8 @@ impl Aggregator {
                     flags = 0;
                     self.stats.empty_opened += 1;
                     self.emit_close(&e, on_close);
+                    // The most recent close is what a late trade may still amend.
+                    last = e;
                     next = iv.next_open(next);
                 }
             }
@@ -454,7 +472,7 @@ impl Aggregator {
             self.stats.empty_opened += 1;
             earliest = earliest.min(fresh.close_time + 1);
             let st = &mut self.symbols[symbol_id as usize];
-            st.last_closed[i] = Some(k);
+            st.last_closed[i] = Some(last);
             st.open[i] = Some(fresh);
             self.mark(base + i);
         }
@@ -544,6 +562,8 @@ impl Aggregator {
                 self.stats.amended_klines += 1;
                 self.emit_close(&amended, on_close);
                 used = true;
+            } else {
+                self.stats.late_interval_drops += 1;
             }
         }
         if used {
@@ -566,10 +586,7 @@ impl Aggregator {
         for id in 0..self.symbols.len() as u32 {
             let s = &self.symbols[id as usize];
             if !s.feed_live || !s.active {
-                // Its K-lines stay open; check again on the next tick.
-                if s.active && s.open.iter().any(Option::is_some) {
-                    earliest = earliest.min(to + 1);
-                }
+                // Its K-lines stay open until `feed_up`, which forces the next tick to rescan.
                 continue;
             }
             earliest = earliest.min(self.roll_to(id, to, on_close));
@@ -915,6 +932,54 @@ mod tests {
         assert_eq!(a.on_trade(&trade(5, T0 - 40 * DAY, 1, 1, false), &mut |k| closed.push(*k)), TradeOutcome::Late);
         assert_eq!(a.stats().late_trades, 1);
         assert_eq!(a.stats().amended_klines, 1);
+    }
+
+    #[test]
+    fn a_late_trade_amends_the_most_recent_close_even_when_it_was_an_empty_kline() {
+        let mut a = Aggregator::new(&[spec(0)], AggregatorConfig { late_policy: LatePolicy::Amend, ..cfg(0) });
+        let mut closed = Vec::new();
+        a.on_trade(&trade(1, T0 + 100, 100, 1, false), &mut |k| closed.push(*k));
+        // Closes the 1s buckets T0, T0+1s (empty) and T0+2s (empty).
+        a.on_trade(&trade(3, T0 + 3_200, 110, 1, false), &mut |k| closed.push(*k));
+        assert_eq!(closed.len(), 3);
+        // Trade 2 happened at T0+2.5s: it belongs to the last (empty) close.
+        assert_eq!(a.on_trade(&trade(2, T0 + 2_500, 90, 4, true), &mut |k| closed.push(*k)), TradeOutcome::Amended);
+        let amended = closed.last().unwrap();
+        assert_eq!((amended.open_time, amended.revision, amended.trade_count), (T0 + 2_000, 1, 1));
+        assert_eq!((amended.open, amended.high, amended.low, amended.close, amended.volume), (90, 90, 90, 90, 4));
+        assert_eq!(a.stats().late_interval_drops, 0);
+        // 1s volumes (closed + open) add up to the 1m volume.
+        let s1: i128 = closed
+            .iter()
+            .filter(|k| k.interval == 0 && k.revision == 0 && k.open_time != T0 + 2_000)
+            .map(|k| k.volume)
+            .sum::<i128>()
+            + amended.volume
+            + a.open_kline(0, Interval::S1).unwrap().volume;
+        assert_eq!(s1, a.open_kline(0, Interval::M1).unwrap().volume);
+        // A trade older than the last close of 1s (but inside the open minute) is counted as a
+        // per-interval drop.
+        assert_eq!(a.on_trade(&trade(0, T0 + 50, 95, 1, false), &mut |k| closed.push(*k)), TradeOutcome::Amended);
+        assert_eq!(a.stats().late_interval_drops, 1);
+    }
+
+    #[test]
+    fn coarse_klines_open_across_an_outage_are_flagged_too() {
+        let mut a = Aggregator::new(&[spec(0)], cfg(0));
+        let mut closed = Vec::new();
+        a.on_trade(&trade(1, T0 + 100, 100, 1, false), &mut |k| closed.push(*k));
+        a.feed_down(0);
+        a.on_clock(T0 + 30_000, &mut |k| closed.push(*k));
+        a.feed_up(0, false);
+        a.on_clock(T0 + 30_500, &mut |k| closed.push(*k));
+        // The week and month K-lines were open across the outage: flagged while open ...
+        for iv in [Interval::W1, Interval::Mo1, Interval::D3] {
+            assert_ne!(a.open_kline(0, iv).unwrap().flags & KLINE_FLAG_FEED_GAP, 0, "{iv}");
+        }
+        // ... and when they close.
+        a.on_clock(T0 + 40 * DAY, &mut |k| closed.push(*k));
+        let w1 = closed.iter().find(|k| k.interval == Interval::W1 as u8 && k.open_time <= T0).unwrap();
+        assert_ne!(w1.flags & KLINE_FLAG_FEED_GAP, 0);
     }
 
     #[test]

@@ -358,7 +358,8 @@ pub fn run(
         };
         if clock_ms > last_tick_ms {
             last_tick_ms = clock_ms;
-            engine.broadcast(|| WorkerInput::Tick(clock_ms), &mut |o| out.take(o));
+            let sent_ns = now_ns();
+            engine.broadcast(|| WorkerInput::Tick { ms: clock_ms, sent_ns }, &mut |o| out.take(o));
         }
         engine.wait_idle(&mut |o| out.take(o));
         out.flush_after_trade = false;
@@ -396,8 +397,7 @@ pub fn run(
     }
 
     // Clean stop: the workers' last outputs, a last heartbeat so readers see the final seq.
-    let aggregator = engine.stats();
-    engine.stop(&mut |o| out.take(o));
+    let aggregator = engine.stop(&mut |o| out.take(o));
     if let Some(e) = out.error.take() {
         return Err(e);
     }

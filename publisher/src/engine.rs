@@ -32,15 +32,23 @@ pub enum WorkerInput {
         trade: Trade,
         recv_ns: i64,
     },
-    /// The source's clock (ms): close what ended before `now - grace`.
-    Tick(i64),
+    /// The source's clock (ms): close what ended before `now - grace`; `sent_ns` is when the
+    /// tick was sent (the `ts_recv` of the K-lines it closes).
+    Tick {
+        ms: i64,
+        sent_ns: i64,
+    },
     /// Feed state of one symbol (global id) or, with `None`, of all.
     FeedDown(Option<u32>),
     FeedUp {
         symbol: Option<u32>,
         backfilled: bool,
     },
-    AddSymbol(SymbolSpec),
+    /// A new symbol with the next global id `g` (ids arrive in order).
+    AddSymbol {
+        g: u32,
+        spec: SymbolSpec,
+    },
     RemoveSymbol(u32),
     /// Bigger tables, allocated off the hot path.
     Adopt(Box<AggregatorStorage>),
@@ -131,7 +139,8 @@ impl Engine {
     /// Starts `config.workers` workers for `specs` (global ids 0..n in order).
     pub fn start(config: &EngineConfig, specs: &[SymbolSpec]) -> Result<Engine, EngineStartError> {
         let n = config.workers.max(1);
-        let mut workers = Vec::with_capacity(n);
+        // Built as we go: if a spawn fails, dropping `engine` stops the workers already started.
+        let mut engine = Engine { workers: Vec::with_capacity(n), snapshots: config.aggregator.snapshots };
         for w in 0..n {
             let mine: Vec<SymbolSpec> = specs.iter().enumerate().filter(|(g, _)| g % n == w).map(|(_, s)| *s).collect();
             let capacity = (mine.len() * 2).max(64);
@@ -162,7 +171,7 @@ impl Engine {
                     run_worker(w as u32, n as u32, agg, worker_in, worker_out, &sh);
                 })
                 .map_err(|source| EngineStartError { worker: w, source })?;
-            workers.push(WorkerHandle {
+            engine.workers.push(WorkerHandle {
                 input,
                 output,
                 shared,
@@ -172,7 +181,7 @@ impl Engine {
                 capacity,
             });
         }
-        Ok(Engine { workers, snapshots: config.aggregator.snapshots })
+        Ok(engine)
     }
 
     pub fn workers(&self) -> usize {
@@ -192,6 +201,9 @@ impl Engine {
             match h.input.push(msg) {
                 Ok(()) => {
                     h.pushed += 1;
+                    // Pairs with the worker's fence between "parked = true" and its last look at
+                    // the queue: one of the two sides always sees the other (no lost wake-up).
+                    std::sync::atomic::fence(Ordering::SeqCst);
                     if h.shared.parked.load(Ordering::SeqCst) {
                         if let Some(t) = &h.thread {
                             t.thread().unpark();
@@ -236,7 +248,7 @@ impl Engine {
             self.workers[w].capacity = cap;
         }
         self.workers[w].symbols += 1;
-        self.send(w, WorkerInput::AddSymbol(spec), sink);
+        self.send(w, WorkerInput::AddSymbol { g, spec }, sink);
     }
 
     /// Hands every output waiting in the workers' queues to `sink`, worker by worker. Returns how
@@ -284,12 +296,14 @@ impl Engine {
             t.empty_opened += s.empty_opened;
             t.empty_skipped += s.empty_skipped;
             t.feed_gaps += s.feed_gaps;
+            t.late_interval_drops += s.late_interval_drops;
         }
         t
     }
 
-    /// Stops and joins the workers (after draining their outputs into `sink`).
-    pub fn stop(mut self, sink: &mut impl FnMut(WorkerOutput)) {
+    /// Stops and joins the workers (after draining their outputs into `sink`); returns their
+    /// final counters.
+    pub fn stop(mut self, sink: &mut impl FnMut(WorkerOutput)) -> AggregatorStats {
         self.wait_idle(sink);
         for h in &mut self.workers {
             h.shared.stop.store(true, Ordering::SeqCst);
@@ -298,6 +312,8 @@ impl Engine {
                 let _ = t.join();
             }
         }
+        self.drain(sink);
+        self.stats()
     }
 }
 
@@ -357,8 +373,9 @@ fn run_worker(
                     });
                     push_out(out, WorkerOutput::Trade { trade, recv_ns: r }, shared);
                 }
-                WorkerInput::Tick(ms) => {
+                WorkerInput::Tick { ms, sent_ns } => {
                     ts_event_ns = ms.saturating_mul(1_000_000);
+                    recv_ns = sent_ns;
                     agg.on_clock(ms, &mut |k| {
                         push_out(out, WorkerOutput::Closed { kline: *k, ts_event_ns, recv_ns }, shared)
                     });
@@ -371,17 +388,20 @@ fn run_worker(
                     }
                 }
                 WorkerInput::FeedUp { symbol: Some(g), backfilled } => agg.feed_up(local(g), backfilled),
-                WorkerInput::AddSymbol(spec) => {
-                    if agg.add_symbol(spec).is_err() {
-                        tracing::error!(worker = w, symbol = %spec.symbol, "symbol table full; symbol not added");
-                    }
-                }
+                WorkerInput::AddSymbol { g, spec } => match agg.add_symbol(spec) {
+                    Ok(id) if id == local(g) => {}
+                    Ok(id) => tracing::error!(worker = w, symbol = %spec.symbol, g, id, "symbol ids out of step"),
+                    Err(e) => tracing::error!(worker = w, symbol = %spec.symbol, error = %e, "symbol not added"),
+                },
                 WorkerInput::RemoveSymbol(g) => {
                     agg.remove_symbol(local(g));
                 }
-                WorkerInput::Adopt(storage) => {
-                    let old = agg.adopt(*storage);
-                    push_out(out, WorkerOutput::Retired(Box::new(old)), shared);
+                WorkerInput::Adopt(mut storage) => {
+                    // Swap through the same box: no allocation or free on this thread (an empty
+                    // storage allocates nothing).
+                    let fresh = std::mem::replace(&mut *storage, AggregatorStorage::new(0, false));
+                    *storage = agg.adopt(fresh);
+                    push_out(out, WorkerOutput::Retired(storage), shared);
                 }
             }
             processed += 1;
@@ -390,17 +410,22 @@ fn run_worker(
                 agg.drain_updates(&mut |k| {
                     push_out(out, WorkerOutput::Update { kline: *k, ts_event_ns, recv_ns }, shared)
                 });
+                // Counters first (never waiting for the lock), then the progress mark.
+                if let Ok(mut s) = shared.stats.try_lock() {
+                    *s = agg.stats();
+                }
                 shared.processed.store(processed, Ordering::Release);
             }
         }
         if batch > 0 {
-            if let Ok(mut s) = shared.stats.try_lock() {
-                *s = agg.stats();
-            }
             idle_since = None;
             continue;
         }
         if shared.stop.load(Ordering::SeqCst) {
+            // Final counters, waiting for the lock this once.
+            if let Ok(mut s) = shared.stats.lock() {
+                *s = agg.stats();
+            }
             return;
         }
         // Idle: spin ~50 µs, then park until unparked (or 1 ms, to re-check `stop`).
@@ -410,9 +435,70 @@ fn run_worker(
             continue;
         }
         shared.parked.store(true, Ordering::SeqCst);
+        std::sync::atomic::fence(Ordering::SeqCst);
         if input.is_empty() && !shared.stop.load(Ordering::SeqCst) {
             std::thread::park_timeout(Duration::from_millis(1));
         }
         shared.parked.store(false, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::synthetic::{symbol_names, SyntheticConfig, SyntheticFeed};
+
+    #[test]
+    fn workers_give_the_same_klines_as_one_aggregator_and_grow_while_running() {
+        let n = 140;
+        let cfg = SyntheticConfig {
+            seed: 9,
+            symbols: symbol_names(n),
+            rate: 500.0,
+            start_us: 1_709_251_140_000_000,
+            max_trades: Some(60_000),
+        };
+        let mut feed = SyntheticFeed::new(&cfg).unwrap();
+        let specs = feed.specs();
+        let agg_cfg = AggregatorConfig { close_grace_ms: 100, ..AggregatorConfig::default() };
+        let mut reference = Aggregator::new(&specs, agg_cfg);
+        // Two workers starting with one symbol: adding the other 139 outgrows both workers'
+        // initial tables (64), so each adopts bigger storage while running.
+        let config = EngineConfig { workers: 2, cores: vec![], queue_capacity: 64, aggregator: agg_cfg };
+        let mut engine = Engine::start(&config, &specs[..1]).unwrap();
+        let mut got: Vec<Kline> = Vec::new();
+        let mut trades_out = 0;
+        let mut retired = 0;
+        let mut sink = |o: WorkerOutput| match o {
+            WorkerOutput::Closed { kline, .. } => got.push(kline),
+            WorkerOutput::Trade { .. } => trades_out += 1,
+            WorkerOutput::Update { .. } => {}
+            WorkerOutput::Retired(_) => retired += 1,
+        };
+        for (g, spec) in specs.iter().enumerate().skip(1) {
+            engine.add_symbol(g as u32, *spec, &mut sink);
+        }
+        let mut want: Vec<Kline> = Vec::new();
+        let mut i = 0u64;
+        while let Some(t) = feed.next_trade() {
+            reference.on_trade(&t, &mut |k| want.push(*k));
+            engine.trade(t, 0, &mut sink);
+            i += 1;
+            if i.is_multiple_of(100) {
+                reference.on_clock(t.time_ms(), &mut |k| want.push(*k));
+                let ms = t.time_ms();
+                engine.broadcast(|| WorkerInput::Tick { ms, sent_ns: 0 }, &mut sink);
+            }
+        }
+        let stats = engine.stop(&mut sink);
+        assert_eq!(trades_out, 60_000);
+        assert_eq!(retired, 2, "each worker grew once");
+        assert_eq!(stats.trades, 60_000);
+        let key = |k: &Kline| (k.symbol_id, k.interval, k.open_time);
+        got.sort_by_key(key);
+        want.sort_by_key(key);
+        assert!(want.len() > 10_000);
+        assert_eq!(got.len(), want.len());
+        assert!(got == want, "the workers' closed K-lines differ from one aggregator's");
     }
 }

@@ -177,6 +177,8 @@ impl Kline {
     /// — into this one. Trade ids decide open and close, as in [`add`](Self::add); an empty `o`
     /// changes nothing.
     pub fn merge(&mut self, o: &Kline) {
+        // A feed outage inside the part is an outage inside the whole.
+        self.flags |= o.flags & KLINE_FLAG_FEED_GAP;
         if o.trade_count == 0 {
             return;
         }
