@@ -1,5 +1,8 @@
-//! The broker's hot path — synthetic trade → aggregator → frames — allocates nothing once warm.
-//! (iceoryx2's loan, outside this path, makes one small allocation per sample of its own.)
+//! The per-trade work of the broker, run on one thread: what an aggregation worker does per trade
+//! (aggregate, clock, conflated updates, the snapshot path) and what the publish thread does per
+//! frame (encode into the batch buffer) allocates nothing once warm and never blocks.
+//! (The SPSC queues between them are fixed-size rings; iceoryx2's loan, outside this path, makes
+//! one small allocation per sample of its own.)
 #![allow(unsafe_code, clippy::unwrap_used)]
 
 use std::alloc::{GlobalAlloc, Layout, System};
