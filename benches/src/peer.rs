@@ -306,13 +306,7 @@ pub fn run_publisher(spec: &PeerSpec) -> Result<(), PeerError> {
         }
         Transport::Iox2 | Transport::Iox2Batch => {
             let settings = bench_settings(spec.mode);
-            let config = mdbus_bus::iceoryx_config(&spec.bus)?;
-            let node = NodeBuilder::new()
-                .config(&config)
-                .signal_handling_mode(SignalHandlingMode::Disabled)
-                .create::<ipc::Service>()
-                .map_err(|e| PeerError::Iox2(format!("{e:?}")))?;
-            let service = raw_service(&node, &spec.bus, settings)?;
+            let (_node, service) = raw_service(&spec.bus, settings)?;
             // One message per sample, or as many as fit mdbus's sample size.
             let per_sample = if spec.transport == Transport::Iox2Batch {
                 (settings.max_sample_bytes / payload_len()) as u64
@@ -374,13 +368,19 @@ pub fn run_publisher(spec: &PeerSpec) -> Result<(), PeerError> {
     Ok(())
 }
 
-fn raw_service(
-    node: &Node<ipc::Service>,
-    bus: &str,
-    s: StreamSettings,
-) -> Result<iceoryx2::service::port_factory::publish_subscribe::PortFactory<ipc::Service, [u8], ()>, PeerError> {
+type RawService = iceoryx2::service::port_factory::publish_subscribe::PortFactory<ipc::Service, [u8], ()>;
+
+/// The baseline's own node and service: plain iceoryx2, with the same sizing as mdbus's streams.
+fn raw_service(bus: &str, s: StreamSettings) -> Result<(Node<ipc::Service>, RawService), PeerError> {
+    let config = mdbus_bus::iceoryx_config(bus)?;
+    let node = NodeBuilder::new()
+        .config(&config)
+        .signal_handling_mode(SignalHandlingMode::Disabled)
+        .create::<ipc::Service>()
+        .map_err(|e| PeerError::Iox2(format!("{e:?}")))?;
     let name = ServiceName::new(&format!("mdbus/{bus}/raw-baseline")).map_err(|e| PeerError::Iox2(format!("{e:?}")))?;
-    node.service_builder(&name)
+    let service = node
+        .service_builder(&name)
         .publish_subscribe::<[u8]>()
         .payload_alignment(Alignment::new(16).ok_or_else(|| PeerError::Other("alignment".into()))?)
         .subscriber_max_buffer_size(s.subscriber_buffer)
@@ -391,7 +391,8 @@ fn raw_service(
         .max_nodes(s.max_subscribers + s.max_publishers + 4)
         .enable_safe_overflow(!s.lossless)
         .open_or_create()
-        .map_err(|e| PeerError::Iox2(format!("{e:?}")))
+        .map_err(|e| PeerError::Iox2(format!("{e:?}")))?;
+    Ok((node, service))
 }
 
 /// Runs the receiving side; prints `ready` on stdout once subscribed, returns the report after
@@ -442,13 +443,7 @@ pub fn run_subscriber(spec: &PeerSpec, ready: impl FnOnce()) -> Result<PeerRepor
         }
         Transport::Iox2 | Transport::Iox2Batch => {
             let settings = bench_settings(spec.mode);
-            let config = mdbus_bus::iceoryx_config(&spec.bus)?;
-            let node = NodeBuilder::new()
-                .config(&config)
-                .signal_handling_mode(SignalHandlingMode::Disabled)
-                .create::<ipc::Service>()
-                .map_err(|e| PeerError::Iox2(format!("{e:?}")))?;
-            let service = raw_service(&node, &spec.bus, settings)?;
+            let (_node, service) = raw_service(&spec.bus, settings)?;
             let sub = service
                 .subscriber_builder()
                 .buffer_size(settings.subscriber_buffer)
