@@ -175,15 +175,22 @@ fn as_map(k: &Value) -> BTreeMap<&'static str, Value> {
 
 #[test]
 fn closed_klines_of_every_interval_equal_an_oracle_from_the_recorded_trades() {
-    oracle_run(1);
+    oracle_run(1, "40");
 }
 
 #[test]
 fn three_partitioned_workers_give_the_same_klines_as_the_oracle() {
-    oracle_run(3);
+    oracle_run(3, "40");
 }
 
-fn oracle_run(workers: usize) {
+/// On the event clock the speed of a replay changes nothing: as fast as possible, the same seed
+/// gives the same trades and so (checked against the same oracle) the same K-lines.
+#[test]
+fn replaying_as_fast_as_possible_gives_the_same_klines() {
+    oracle_run(2, "0");
+}
+
+fn oracle_run(workers: usize, speed: &str) {
     let workers_s = workers.to_string();
     let bus = unique_bus("oracle");
     let dir = TempDir::new("oracle");
@@ -214,7 +221,7 @@ fn oracle_run(workers: usize) {
             "--start",
             "2021-02-28T23:58:30Z",
             "--speed",
-            "40",
+            speed,
             "--max-trades",
             "6000",
             "--record",
