@@ -90,8 +90,10 @@ pub fn run(cli: &Cli, a: &DemoArgs) -> Result<ExitCode> {
     println!("mdbus demo on bus {:?}", bus);
     println!("  broker      pid {}  synthetic feed, {} symbols, ~{} trades/s", broker.id(), a.symbols, a.rate);
     println!("  stream      {service}  (trades, K-line updates and closes for 16 intervals, heartbeats)");
-    println!("  look at it  mdbus tail --bus {} --symbol BTCUSDT --interval 1m", bus);
-    println!("              mdbus tail --bus {} --kind trade --count 10", bus);
+    // The path of this very binary, so the hint works before `mdbus` is on the PATH.
+    let exe = std::env::current_exe().map_or_else(|_| "mdbus".to_owned(), |p| p.display().to_string());
+    println!("  look at it  {exe} tail --bus {bus} --symbol BTCUSDT --interval 1m");
+    println!("              {exe} tail --bus {bus} --kind trade --count 10");
     println!("  stop        Ctrl-C");
 
     let result = summarize(cli, &cfg, a, &stop);
