@@ -1,8 +1,20 @@
-//! The write-ahead log of published frames (segmented files, CRC32C records, sparse seq index,
-//! group commit, recovery, retention) — not built yet.
+//! The write-ahead log of a stream's frames: segmented files of CRC32C-checked records, a sparse
+//! seq index per segment, group commit with a durability policy, recovery that truncates a torn or
+//! corrupt tail, and retention that never deletes what a durable consumer has not acked.
 //!
-//! Planned boundary: knows frames as opaque byte records with a seq (from `mdbus-schema`), and
-//! nothing of iceoryx2 or tokio. Until it lands the broker keeps no log, sequence numbers restart
-//! at 1 with each broker incarnation (readers see the new `publisher_id` in heartbeats), and
-//! `mdbus replay` does not exist.
+//! Upstream: the broker hands every published frame to [`Wal::append`] (with its seq) from a
+//! thread of its own, then calls [`Wal::commit`] once per batch. Downstream: [`WalReader`] serves
+//! `mdbus replay` and readers that resume from a seq. This crate knows frames only as opaque byte
+//! records with a seq: nothing of iceoryx2, tokio or the frame layout. `FORMAT.md` draws the bytes.
 #![forbid(unsafe_code)]
+
+mod format;
+mod reader;
+mod writer;
+
+pub use format::{Durability, DurabilityParseError, RECORD_ALIGN, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN};
+pub use reader::{check, Corruption, RecordRef, WalReadError, WalReader};
+pub use writer::{RecoveryReport, RetentionPolicy, Truncation, Wal, WalAppendError, WalOpenError, WalOptions};
+
+/// A sequence number (the stream's, carried by every record).
+pub type Seq = u64;

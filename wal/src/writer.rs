@@ -1,0 +1,334 @@
+//! Appending to the log: segments rolled by size, a sparse index per segment, group commit under
+//! a durability policy, recovery of a torn or corrupt tail on open, and retention.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::format::{
+    index_path, pad, record_header, segment_path, Durability, SegmentHeader, INDEX_EVERY, RECORD_HEADER_LEN,
+    SEGMENT_HEADER_LEN,
+};
+use crate::reader::{list_segments, Scanner, Step, WalReadError};
+use crate::Seq;
+
+/// How the log is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WalOptions {
+    /// Written into every segment header (a log belongs to one stream).
+    pub stream_id: u32,
+    /// A new segment starts once the current one would grow past this.
+    pub segment_bytes: u64,
+    pub durability: Durability,
+}
+
+impl Default for WalOptions {
+    fn default() -> Self {
+        WalOptions {
+            stream_id: 1,
+            segment_bytes: 64 * 1024 * 1024,
+            durability: Durability::Interval(Duration::from_millis(10)),
+        }
+    }
+}
+
+/// What may be deleted: whole segments beyond these limits (never the newest one, never one that
+/// holds a seq a live durable consumer has not acked).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RetentionPolicy {
+    pub max_bytes: Option<u64>,
+    pub max_age: Option<Duration>,
+}
+
+/// Where recovery cut the newest segment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Truncation {
+    pub path: PathBuf,
+    pub offset: u64,
+    pub reason: &'static str,
+}
+
+/// What opening the log found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// The last whole, valid record's seq (`None`: the log is empty).
+    pub last_seq: Option<Seq>,
+    pub segments: usize,
+    pub truncated: Option<Truncation>,
+}
+
+/// Opening (and recovering) the log failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WalOpenError {
+    #[error("opening wal {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Read(#[from] WalReadError),
+}
+
+/// Appending failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WalAppendError {
+    #[error("writing wal {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("wal expects seq {expected}, got {got}")]
+    OutOfSequence { expected: Seq, got: Seq },
+    #[error("record of {0} bytes is too large")]
+    TooLarge(usize),
+}
+
+/// The appending end of a log directory (one writer per directory).
+#[derive(Debug)]
+pub struct Wal {
+    dir: PathBuf,
+    options: WalOptions,
+    path: PathBuf,
+    file: BufWriter<File>,
+    index: BufWriter<File>,
+    segment_len: u64,
+    records_in_segment: u64,
+    next_seq: Option<Seq>,
+    last_sync: Instant,
+    unsynced: bool,
+}
+
+fn open_err(path: &Path) -> impl Fn(std::io::Error) -> WalOpenError + '_ {
+    move |source| WalOpenError::Io { path: path.to_owned(), source }
+}
+
+fn append_err(path: &Path) -> impl Fn(std::io::Error) -> WalAppendError + '_ {
+    move |source| WalAppendError::Io { path: path.to_owned(), source }
+}
+
+fn create_segment(dir: &Path, base: Seq, stream_id: u32) -> std::io::Result<(PathBuf, File, File)> {
+    let path = segment_path(dir, base);
+    let mut f = OpenOptions::new().create(true).write(true).truncate(true).open(&path)?;
+    f.write_all(&SegmentHeader { stream_id, base_seq: base }.encode())?;
+    let idx = OpenOptions::new().create(true).write(true).truncate(true).open(index_path(&path))?;
+    Ok((path, f, idx))
+}
+
+impl Wal {
+    /// Opens the log in `dir` (created if missing). The newest segment is read through: a torn or
+    /// corrupt tail is cut off at the last whole record (logged as a warning with file and
+    /// offset), and its index rebuilt. Appending continues at `last_seq + 1`.
+    pub fn open(dir: &Path, options: WalOptions) -> Result<(Wal, RecoveryReport), WalOpenError> {
+        std::fs::create_dir_all(dir).map_err(open_err(dir))?;
+        let mut segments = list_segments(dir).map_err(open_err(dir))?;
+        let mut truncated = None;
+        // A newest segment whose header never made it to disk holds nothing: drop it.
+        while let Some((_, path)) = segments.last() {
+            match Scanner::open(path) {
+                Ok(_) => break,
+                Err(WalReadError::Corrupt { offset: 0, reason, .. }) => {
+                    tracing::warn!(file = %path.display(), reason, "removing newest wal segment with an unreadable header");
+                    let _ = std::fs::remove_file(index_path(path));
+                    std::fs::remove_file(path).map_err(open_err(path))?;
+                    segments.pop();
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let Some((base, path)) = segments.last().cloned() else {
+            let (path, file, idx) = create_segment(dir, 1, options.stream_id).map_err(open_err(dir))?;
+            let wal = Wal::with_files(dir, options, path, file, idx, SEGMENT_HEADER_LEN as u64, 0, None);
+            return Ok((wal, RecoveryReport { last_seq: None, segments: 1, truncated: None }));
+        };
+        // Read the newest segment through, rebuilding its index.
+        let (mut sc, _) = Scanner::open(&path)?;
+        let mut entries: Vec<u8> = Vec::new();
+        let mut records = 0u64;
+        let end = loop {
+            match sc.step()? {
+                Step::Record { seq, offset } => {
+                    if records.is_multiple_of(INDEX_EVERY) {
+                        entries.extend_from_slice(&seq.to_le_bytes());
+                        entries.extend_from_slice(&offset.to_le_bytes());
+                    }
+                    records += 1;
+                }
+                Step::End => break sc.offset,
+                Step::Bad { offset, reason, .. } => {
+                    tracing::warn!(file = %path.display(), offset, reason, "wal tail truncated to the last whole record");
+                    truncated = Some(Truncation { path: path.clone(), offset, reason });
+                    break offset;
+                }
+            }
+        };
+        let file = OpenOptions::new().write(true).open(&path).map_err(open_err(&path))?;
+        file.set_len(end).map_err(open_err(&path))?;
+        file.sync_all().map_err(open_err(&path))?;
+        let mut file = file;
+        std::io::Seek::seek(&mut file, std::io::SeekFrom::End(0)).map_err(open_err(&path))?;
+        let mut idx = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .open(index_path(&path))
+            .map_err(open_err(&path))?;
+        idx.write_all(&entries).map_err(open_err(&path))?;
+        let last = sc.expect.checked_sub(1).filter(|&s| s >= 1);
+        let last = if records == 0 && base > 1 { Some(base - 1) } else { last };
+        let n = segments.len();
+        let wal = Wal::with_files(dir, options, path, file, idx, end, records, last);
+        Ok((wal, RecoveryReport { last_seq: last, segments: n, truncated }))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn with_files(
+        dir: &Path,
+        options: WalOptions,
+        path: PathBuf,
+        file: File,
+        idx: File,
+        segment_len: u64,
+        records: u64,
+        last: Option<Seq>,
+    ) -> Wal {
+        Wal {
+            dir: dir.to_owned(),
+            options,
+            path,
+            file: BufWriter::with_capacity(1 << 16, file),
+            index: BufWriter::with_capacity(4096, idx),
+            segment_len,
+            records_in_segment: records,
+            next_seq: last.map(|s| s + 1),
+            last_sync: Instant::now(),
+            unsynced: false,
+        }
+    }
+
+    /// The seq the next record must carry (`None` for an empty log: any seq may start it).
+    pub fn next_seq(&self) -> Option<Seq> {
+        self.next_seq
+    }
+
+    /// Appends one record (buffered; durable per policy after [`commit`](Self::commit)).
+    pub fn append(&mut self, seq: Seq, payload: &[u8]) -> Result<(), WalAppendError> {
+        if payload.len() > crate::format::MAX_PAYLOAD as usize {
+            return Err(WalAppendError::TooLarge(payload.len()));
+        }
+        if let Some(expected) = self.next_seq {
+            if seq != expected {
+                return Err(WalAppendError::OutOfSequence { expected, got: seq });
+            }
+        }
+        let size = (RECORD_HEADER_LEN + pad(payload.len())) as u64;
+        if self.records_in_segment > 0 && self.segment_len + size > self.options.segment_bytes {
+            self.roll(seq)?;
+        } else if self.records_in_segment == 0 && self.next_seq.is_none() && seq != 1 {
+            // An empty log starting past 1: name the first segment after its first seq.
+            self.roll(seq)?;
+        }
+        let e = append_err(&self.path);
+        if self.records_in_segment.is_multiple_of(INDEX_EVERY) {
+            self.index.write_all(&seq.to_le_bytes()).map_err(&e)?;
+            self.index.write_all(&self.segment_len.to_le_bytes()).map_err(&e)?;
+        }
+        self.file.write_all(&record_header(seq, payload)).map_err(&e)?;
+        self.file.write_all(payload).map_err(&e)?;
+        let zeros = [0u8; 16];
+        self.file.write_all(&zeros[..pad(payload.len()) - payload.len()]).map_err(&e)?;
+        self.segment_len += size;
+        self.records_in_segment += 1;
+        self.next_seq = Some(seq + 1);
+        self.unsynced = true;
+        Ok(())
+    }
+
+    /// Ends a batch: writes the buffered records to the file and syncs them per the policy.
+    pub fn commit(&mut self) -> Result<(), WalAppendError> {
+        let e = append_err(&self.path);
+        self.file.flush().map_err(&e)?;
+        self.index.flush().map_err(&e)?;
+        let sync = match self.options.durability {
+            Durability::None => false,
+            Durability::EveryBatch => true,
+            Durability::Interval(d) => self.last_sync.elapsed() >= d,
+        };
+        if sync && self.unsynced {
+            self.file.get_ref().sync_data().map_err(&e)?;
+            self.last_sync = Instant::now();
+            self.unsynced = false;
+        }
+        Ok(())
+    }
+
+    fn roll(&mut self, base: Seq) -> Result<(), WalAppendError> {
+        // The finished segment is made durable whatever the policy: only the newest one can
+        // have a torn tail.
+        self.commit()?;
+        self.file.get_ref().sync_all().map_err(append_err(&self.path))?;
+        self.index.get_ref().sync_all().map_err(append_err(&self.path))?;
+        let empty_first = self.records_in_segment == 0;
+        let old = self.path.clone();
+        let (path, file, idx) =
+            create_segment(&self.dir, base, self.options.stream_id).map_err(append_err(&self.dir))?;
+        if empty_first && old != path {
+            // An empty first segment replaced by one that starts at the right seq.
+            let _ = std::fs::remove_file(index_path(&old));
+            let _ = std::fs::remove_file(&old);
+        }
+        self.path = path;
+        self.file = BufWriter::with_capacity(1 << 16, file);
+        self.index = BufWriter::with_capacity(4096, idx);
+        self.segment_len = SEGMENT_HEADER_LEN as u64;
+        self.records_in_segment = 0;
+        Ok(())
+    }
+
+    /// Deletes the oldest segments while the log exceeds `policy`, but never the newest segment
+    /// and never a segment holding a seq above `acked` (the lowest seq every live durable consumer
+    /// has acked; `None`: no durable consumer). Returns the deleted files.
+    pub fn retain(&mut self, policy: &RetentionPolicy, acked: Option<Seq>) -> Result<Vec<PathBuf>, WalAppendError> {
+        let segs = list_segments(&self.dir).map_err(append_err(&self.dir))?;
+        let sizes: Vec<u64> = segs.iter().map(|(_, p)| std::fs::metadata(p).map_or(0, |m| m.len())).collect();
+        let mut total: u64 = sizes.iter().sum();
+        let mut deleted = Vec::new();
+        for i in 0..segs.len().saturating_sub(1) {
+            let (_, path) = &segs[i];
+            // Every seq in segment i is below the next segment's base.
+            let last_in_segment = segs[i + 1].0.saturating_sub(1);
+            if acked.is_some_and(|a| last_in_segment > a) {
+                break;
+            }
+            let too_big = policy.max_bytes.is_some_and(|m| total > m);
+            let too_old = policy.max_age.is_some_and(|age| {
+                std::fs::metadata(path)
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| SystemTime::now().duration_since(t).ok())
+                    .is_some_and(|d| d > age)
+            });
+            if !(too_big || too_old) {
+                break;
+            }
+            std::fs::remove_file(path).map_err(append_err(path))?;
+            let _ = std::fs::remove_file(index_path(path));
+            total -= sizes[i];
+            deleted.push(path.clone());
+        }
+        Ok(deleted)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for Wal {
+    fn drop(&mut self) {
+        let _ = self.file.flush();
+        let _ = self.index.flush();
+    }
+}
