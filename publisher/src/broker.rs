@@ -25,6 +25,8 @@ use crate::aggregator::{AggregatorConfig, AggregatorStats, LatePolicy};
 use crate::engine::{Engine, EngineConfig, EngineStartError, WorkerInput, WorkerOutput};
 use crate::record::{RecordWriteError, Recorder};
 use crate::synthetic::{SymbolNamesError, SyntheticConfig, SyntheticFeed};
+use crate::walthread::{WalSink, WalThreadStartError};
+use mdbus_wal::{RetentionPolicy, Wal, WalOptions};
 
 /// Whose clock closes K-lines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +61,16 @@ pub struct BrokerConfig {
     pub workers: usize,
     /// Cores for the workers (worker i on `worker_cores[i % len]`); empty: unpinned.
     pub worker_cores: Vec<usize>,
+    /// The write-ahead log of the real-time stream (`None`: no log).
+    pub wal: Option<WalSettings>,
+}
+
+/// Where and how the broker logs every published frame.
+#[derive(Debug, Clone)]
+pub struct WalSettings {
+    pub dir: PathBuf,
+    pub options: WalOptions,
+    pub retention: RetentionPolicy,
 }
 
 /// Why the broker stopped with an error.
@@ -72,6 +84,12 @@ pub enum BrokerRunError {
     Symbols(#[from] SymbolNamesError),
     #[error(transparent)]
     Engine(#[from] EngineStartError),
+    #[error(transparent)]
+    WalOpen(#[from] mdbus_wal::WalOpenError),
+    #[error(transparent)]
+    WalThread(#[from] WalThreadStartError),
+    #[error(transparent)]
+    WalAppend(#[from] mdbus_wal::WalAppendError),
     #[error("frame encoding failed at seq {0}")]
     Encode(Seq),
 }
@@ -107,6 +125,8 @@ struct Batcher {
     /// First error met while taking worker outputs (reported after the drain).
     error: Option<BrokerRunError>,
     flush_after_trade: bool,
+    /// Every sent sample also goes to the WAL thread.
+    wal: Option<WalSink>,
 }
 
 impl Batcher {
@@ -192,6 +212,9 @@ impl Batcher {
     fn send(&mut self) -> Result<usize, BrokerRunError> {
         self.writer.set_publish_time(now_ns());
         let reached = self.publisher.send(self.writer.as_bytes())?;
+        if let Some(w) = self.wal.as_mut() {
+            w.submit(self.writer.as_bytes());
+        }
         self.report.samples += 1;
         self.report.frames += self.writer.frames() as u64;
         self.report.bytes += self.writer.len() as u64;
@@ -250,6 +273,21 @@ pub fn run(
     let mut engine = Engine::start(&engine_config, &specs)?;
     let mut recorder = config.record.as_deref().map(Recorder::new).transpose()?;
 
+    // The log decides where the sequence continues: last logged seq + 1 (after recovery of a torn
+    // tail), or 1 for a new log.
+    let mut next_seq = 1;
+    let wal = match &config.wal {
+        Some(w) => {
+            let (wal, report) = Wal::open(&w.dir, w.options)?;
+            if let Some(t) = &report.truncated {
+                tracing::warn!(file = %t.path.display(), offset = t.offset, reason = t.reason, "wal tail truncated on recovery");
+            }
+            next_seq = report.last_seq.map_or(1, |s| s + 1);
+            tracing::info!(dir = %w.dir.display(), segments = report.segments, next_seq, "wal open");
+            Some(WalSink::start(wal, 64, config.stream.max_sample_bytes, w.retention)?)
+        }
+        None => None,
+    };
     let node = BusNode::open(&config.bus, "broker")?;
     let publisher = node.publisher("realtime", config.stream)?;
     tracing::info!(
@@ -263,13 +301,14 @@ pub fn run(
         publisher,
         writer: FrameWriter::with_capacity(max),
         max,
-        next_seq: 1,
+        next_seq,
         ts_event_ns: 0,
         ts_recv_ns: 0,
         last_send: Instant::now(),
         report: BrokerReport::default(),
         error: None,
         flush_after_trade: false,
+        wal,
     };
     let started_at_ns = now_ns();
     let publisher_id = rand::random::<u64>();
@@ -407,6 +446,10 @@ pub fn run(
     out.heartbeat(&hb)?;
     if let Some(r) = recorder.as_mut() {
         r.flush()?;
+    }
+    if let Some(w) = out.wal.take() {
+        let n = w.stop()?;
+        tracing::info!(records = n, "wal closed");
     }
     let mut report = out.report;
     report.last_seq = out.next_seq - 1;

@@ -9,3 +9,4 @@ pub mod broker;
 pub mod engine;
 pub mod record;
 pub mod synthetic;
+pub mod walthread;

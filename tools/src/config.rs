@@ -18,6 +18,53 @@ pub struct Config {
     pub bus: BusSection,
     #[serde(default)]
     pub broker: BrokerSection,
+    #[serde(default)]
+    pub wal: WalSection,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WalSection {
+    pub enabled: bool,
+    /// Empty: `<data dir>/<bus>/wal/realtime`, data dir = `MDBUS_DATA_DIR` or
+    /// `~/.local/share/mdbus`.
+    pub dir: String,
+    pub durability: String,
+    pub segment_bytes: u64,
+    pub retention_bytes: u64,
+}
+
+impl Default for WalSection {
+    fn default() -> Self {
+        WalSection {
+            enabled: true,
+            dir: String::new(),
+            durability: "interval:10".into(),
+            segment_bytes: 64 * 1024 * 1024,
+            retention_bytes: 1024 * 1024 * 1024,
+        }
+    }
+}
+
+/// Where a bus keeps its files: `MDBUS_DATA_DIR`, else `~/.local/share/mdbus`, else the temp dir.
+pub fn data_dir(bus: &str) -> std::path::PathBuf {
+    let base = std::env::var_os("MDBUS_DATA_DIR").map(std::path::PathBuf::from).unwrap_or_else(|| {
+        std::env::var_os("HOME")
+            .map(|h| std::path::PathBuf::from(h).join(".local/share/mdbus"))
+            .unwrap_or_else(|| std::env::temp_dir().join("mdbus"))
+    });
+    base.join(bus)
+}
+
+impl WalSection {
+    /// The log directory of `stream` on `bus`.
+    pub fn dir_for(&self, bus: &str, stream: &str) -> std::path::PathBuf {
+        if self.dir.is_empty() {
+            data_dir(bus).join("wal").join(stream)
+        } else {
+            std::path::PathBuf::from(&self.dir)
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -129,6 +176,12 @@ impl Config {
         if !matches!(self.broker.late_policy.as_str(), "drop" | "amend") {
             bail!("broker.late_policy = {:?}: expected \"drop\" or \"amend\"", self.broker.late_policy);
         }
+        if let Err(e) = self.wal.durability.parse::<mdbus_wal::Durability>() {
+            bail!("wal.durability: {e}");
+        }
+        if self.wal.segment_bytes < 4096 {
+            bail!("wal.segment_bytes = {} is below 4096", self.wal.segment_bytes);
+        }
         if self.broker.workers == 0 || self.broker.workers > 256 {
             bail!("broker.workers = {} must be within 1..=256", self.broker.workers);
         }
@@ -171,6 +224,7 @@ mod tests {
         let c = Config::load(None).unwrap();
         assert_eq!(c.bus, BusSection::default());
         assert_eq!(c.broker, BrokerSection::default());
+        assert_eq!(c.wal, WalSection::default());
     }
 
     #[test]

@@ -58,6 +58,8 @@ pub enum Command {
     Broker(cmd::broker::BrokerArgs),
     /// Print frames of a stream as JSON lines.
     Tail(cmd::tail::TailArgs),
+    /// Print frames from the write-ahead log (`--from-seq N`, `--to-seq M`, `--follow`).
+    Replay(cmd::replay::ReplayArgs),
     /// Measure the bus against raw iceoryx2 and a Unix socket in the same run.
     Bench(cmd::bench::BenchArgs),
     /// Benchmark helper process (started by `mdbus bench`).
@@ -82,6 +84,7 @@ fn main() -> ExitCode {
         Command::Demo(a) => cmd::demo::run(&cli, a),
         Command::Broker(a) => cmd::broker::run(&cli, a),
         Command::Tail(a) => cmd::tail::run(&cli, a),
+        Command::Replay(a) => cmd::replay::run(&cli, a),
         Command::Bench(a) => cmd::bench::run(&cli, a),
         Command::BenchPeer(a) => cmd::bench::peer(&cli, a),
     };

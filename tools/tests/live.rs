@@ -113,7 +113,11 @@ fn tail_filters_by_symbol_and_interval_and_stops_at_count() {
 #[test]
 fn tail_without_a_publisher_times_out_with_an_error_and_bad_flags_are_named() {
     let bus = unique_bus("nopub");
-    let out = Command::new(EXE).args(["tail", "--bus", &bus, "--count", "1", "--timeout", "0.3"]).output().unwrap();
+    let out = Command::new(EXE)
+        .env("MDBUS_DATA_DIR", data_root())
+        .args(["tail", "--bus", &bus, "--count", "1", "--timeout", "0.3"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("timed out with 0 of 1 frames"));
     assert!(leftover_shm(&bus).is_empty(), "{:?}", leftover_shm(&bus));
@@ -128,7 +132,7 @@ fn tail_without_a_publisher_times_out_with_an_error_and_bad_flags_are_named() {
         (vec!["broker", "--start", "yesterday"], "--start \"yesterday\""),
         (vec!["broker", "--config", "/nonexistent.toml"], "/nonexistent.toml"),
     ] {
-        let out = Command::new(EXE).args(&args).output().unwrap();
+        let out = Command::new(EXE).env("MDBUS_DATA_DIR", data_root()).args(&args).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?} should fail");
         assert!(err.contains(needle), "{args:?}: {err}");
@@ -139,7 +143,11 @@ fn tail_without_a_publisher_times_out_with_an_error_and_bad_flags_are_named() {
 #[test]
 fn demo_shows_data_and_stops_cleanly() {
     let bus = unique_bus("demo");
-    let out = Command::new(EXE).args(["demo", "--bus", &bus, "--duration", "3"]).output().unwrap();
+    let out = Command::new(EXE)
+        .env("MDBUS_DATA_DIR", data_root())
+        .args(["demo", "--bus", &bus, "--duration", "3"])
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains(&format!("mdbus tail --bus {bus}")), "{stdout}");

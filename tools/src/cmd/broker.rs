@@ -6,8 +6,9 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use mdbus_publisher::aggregator::LatePolicy;
-use mdbus_publisher::broker::{self, BrokerConfig, BrokerControl, ClockMode, SymbolsSource};
+use mdbus_publisher::broker::{self, BrokerConfig, BrokerControl, ClockMode, SymbolsSource, WalSettings};
 use mdbus_publisher::synthetic::{symbol_names, SyntheticConfig};
+use mdbus_wal::{Durability, RetentionPolicy, WalOptions};
 
 use crate::config::Config;
 use crate::Cli;
@@ -63,6 +64,15 @@ pub struct BrokerArgs {
     /// Trades older than the open K-line: `drop` (counted) or `amend` (re-close with a revision).
     #[arg(long)]
     pub late_policy: Option<String>,
+    /// Write-ahead log folder (default: <data dir>/<bus>/wal/realtime).
+    #[arg(long, env = "MDBUS_WAL", value_name = "DIR")]
+    pub wal: Option<PathBuf>,
+    /// WAL durability: none | interval:<ms> | every-batch.
+    #[arg(long)]
+    pub durability: Option<String>,
+    /// Do not keep a write-ahead log (sequence numbers restart at 1 on every start).
+    #[arg(long)]
+    pub no_wal: bool,
 }
 
 fn parse_symbols(s: &str) -> Result<Vec<String>> {
@@ -86,6 +96,8 @@ fn parse_symbols(s: &str) -> Result<Vec<String>> {
 
 /// Merges file/env/flags into the broker's typed config.
 pub fn broker_config(cli: &Cli, a: &BrokerArgs) -> Result<BrokerConfig> {
+    // Before anything touches the disk: the bus name becomes part of paths.
+    mdbus_schema::service::validate_bus_name(&cli.bus()).map_err(anyhow::Error::msg)?;
     let mut cfg = Config::load(cli.config.as_deref())?;
     let b = &mut cfg.broker;
     if let Some(v) = &a.source {
@@ -109,6 +121,16 @@ pub fn broker_config(cli: &Cli, a: &BrokerArgs) -> Result<BrokerConfig> {
     if let Some(v) = &a.late_policy {
         b.late_policy = v.clone();
     }
+    if let Some(d) = &a.durability {
+        cfg.wal.durability = d.clone();
+    }
+    if let Some(d) = &a.wal {
+        cfg.wal.dir = d.display().to_string();
+    }
+    if a.no_wal {
+        cfg.wal.enabled = false;
+    }
+    let b = &mut cfg.broker;
     if a.core.is_some() {
         b.core = a.core;
     }
@@ -159,6 +181,16 @@ pub fn broker_config(cli: &Cli, a: &BrokerArgs) -> Result<BrokerConfig> {
         core: b.core,
         workers: b.workers,
         worker_cores: b.cores.clone(),
+        wal: cfg.wal.enabled.then(|| WalSettings {
+            dir: cfg.wal.dir_for(&cli.bus(), "realtime"),
+            options: WalOptions {
+                stream_id: mdbus_schema::service::REALTIME_STREAM_ID,
+                segment_bytes: cfg.wal.segment_bytes,
+                // Invariant: validated above.
+                durability: cfg.wal.durability.parse().unwrap_or(Durability::EveryBatch),
+            },
+            retention: RetentionPolicy { max_bytes: Some(cfg.wal.retention_bytes), max_age: None },
+        }),
     })
 }
 

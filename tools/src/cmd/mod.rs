@@ -3,4 +3,5 @@
 pub mod bench;
 pub mod broker;
 pub mod demo;
+pub mod replay;
 pub mod tail;

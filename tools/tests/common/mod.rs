@@ -17,6 +17,11 @@ pub fn unique_bus(tag: &str) -> String {
     format!("t{}_{}_{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed), tag)
 }
 
+/// Where test processes keep bus data (write-ahead logs): never the user's home.
+pub fn data_root() -> PathBuf {
+    std::env::temp_dir().join("mdbus-test-data")
+}
+
 /// A fresh temporary directory, removed on drop.
 pub struct TempDir(pub PathBuf);
 impl TempDir {
@@ -44,6 +49,7 @@ impl Proc {
         let child = Command::new(EXE)
             .args(args)
             .env("RUST_LOG", "info")
+            .env("MDBUS_DATA_DIR", data_root())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -122,8 +128,9 @@ pub fn leftover_shm(bus: &str) -> Vec<String> {
         .collect()
 }
 
-/// Removes the bus's persistent node counter once a test is done with the bus.
+/// Removes the bus's persistent node counter and its data once a test is done with the bus.
 pub fn forget_bus(bus: &str) {
+    let _ = std::fs::remove_dir_all(data_root().join(bus));
     let prefix = format!("mdbus_{bus}_");
     if let Ok(d) = std::fs::read_dir("/dev/shm") {
         for e in d.filter_map(|e| e.ok()) {

@@ -1,0 +1,112 @@
+//! The WAL writer thread: every published sample's data frames go to the write-ahead log, off the
+//! publish thread.
+//!
+//! Upstream: the publish thread hands over each sent sample through [`WalSink::submit`]: a copy
+//! into a buffer from a fixed pool, passed over an SPSC queue (empty buffers come back on a second
+//! one, so nothing is allocated once warm). When every buffer is in flight the publish thread
+//! waits: the log never drops a frame. Downstream: `mdbus_wal::Wal` — one record per data frame
+//! (heartbeats carry no seq of their own and are not logged), one group commit per sample, then
+//! retention.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use mdbus_schema::{FrameIter, FrameKind};
+use mdbus_wal::{RetentionPolicy, Wal, WalAppendError};
+use rtrb::{Consumer, Producer, RingBuffer};
+
+/// The publish thread's end of the WAL thread.
+pub struct WalSink {
+    full: Producer<Vec<u8>>,
+    empty: Consumer<Vec<u8>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Result<u64, WalAppendError>>>,
+}
+
+impl std::fmt::Debug for WalSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WalSink").finish_non_exhaustive()
+    }
+}
+
+/// Starting the WAL thread failed.
+#[derive(Debug, thiserror::Error)]
+#[error("starting the wal thread: {0}")]
+pub struct WalThreadStartError(#[from] std::io::Error);
+
+impl WalSink {
+    /// Moves `wal` to a new thread with a pool of `buffers` buffers of `buffer_bytes` each.
+    pub fn start(
+        mut wal: Wal,
+        buffers: usize,
+        buffer_bytes: usize,
+        retention: RetentionPolicy,
+    ) -> Result<WalSink, WalThreadStartError> {
+        let (full, mut from_publisher) = RingBuffer::<Vec<u8>>::new(buffers);
+        let (mut to_publisher, empty) = RingBuffer::<Vec<u8>>::new(buffers);
+        for _ in 0..buffers {
+            // Invariant: the queue has room for exactly `buffers` entries.
+            let _ = to_publisher.push(Vec::with_capacity(buffer_bytes));
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let st = Arc::clone(&stop);
+        let thread = std::thread::Builder::new().name("mdbus-wal".into()).spawn(move || {
+            let mut appended = 0u64;
+            let mut last_retention = Instant::now();
+            loop {
+                match from_publisher.pop() {
+                    Ok(mut buf) => {
+                        for frame in FrameIter::new(&buf).flatten() {
+                            if frame.kind() != FrameKind::Heartbeat {
+                                wal.append(frame.seq(), frame.raw())?;
+                                appended += 1;
+                            }
+                        }
+                        wal.commit()?;
+                        buf.clear();
+                        let _ = to_publisher.push(buf);
+                    }
+                    Err(_) if st.load(Ordering::Acquire) => {
+                        wal.commit()?;
+                        return Ok(appended);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_micros(200)),
+                }
+                if last_retention.elapsed() > Duration::from_secs(10) {
+                    last_retention = Instant::now();
+                    // The acked floor comes with durable consumers (the batch writer).
+                    if let Ok(gone) = wal.retain(&retention, None) {
+                        for p in gone {
+                            tracing::info!(file = %p.display(), "wal segment removed by retention");
+                        }
+                    }
+                }
+            }
+        })?;
+        Ok(WalSink { full, empty, stop, thread: Some(thread) })
+    }
+
+    /// Hands a sent sample to the WAL thread; waits for a free buffer if all are in flight.
+    pub fn submit(&mut self, sample: &[u8]) {
+        let mut buf = loop {
+            match self.empty.pop() {
+                Ok(b) => break b,
+                Err(_) => std::thread::yield_now(),
+            }
+        };
+        buf.extend_from_slice(sample);
+        // Invariant: buffers circulate, so the full queue always has room for one we popped.
+        let _ = self.full.push(buf);
+    }
+
+    /// Lets the thread write what it has, commit, and stop. Returns the records appended.
+    pub fn stop(mut self) -> Result<u64, WalAppendError> {
+        self.stop.store(true, Ordering::Release);
+        match self.thread.take().map(JoinHandle::join) {
+            Some(Ok(r)) => r,
+            _ => Ok(0),
+        }
+    }
+}
