@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use mdbus_bus::{BusError, BusNode, StreamSettings, StreamSubscriber};
 use mdbus_schema::{FeedState, FrameIter, FrameKind, FrameRef, Interval, Symbol, SymbolError};
+use mdbus_wal::WalReader;
 
 use crate::health::{Health, Liveness};
 use crate::seq::{SeqEvent, SeqStats, SeqTracker};
@@ -59,6 +60,8 @@ pub struct ReaderOptions {
     pub settings: StreamSettings,
     /// iceoryx2 node name (shows in `iox2 node list`).
     pub node_name: String,
+    /// The stream's write-ahead log: gaps (and a start from an older seq) are filled from it.
+    pub wal: Option<std::path::PathBuf>,
 }
 
 impl Default for ReaderOptions {
@@ -69,6 +72,7 @@ impl Default for ReaderOptions {
             buffer: settings.subscriber_buffer,
             settings,
             node_name: "reader".into(),
+            wal: None,
         }
     }
 }
@@ -97,6 +101,12 @@ impl ReaderOptions {
     pub fn settings(mut self, s: StreamSettings) -> Self {
         self.settings = s;
         self.buffer = self.buffer.min(s.subscriber_buffer);
+        self
+    }
+    /// Fill gaps from this write-ahead log folder (the broker's `--wal`), and allow
+    /// [`Reader::start_at`] an older seq.
+    pub fn wal(mut self, dir: &std::path::Path) -> Self {
+        self.wal = Some(dir.to_owned());
         self
     }
     pub fn node_name(mut self, name: &str) -> Self {
@@ -129,6 +139,8 @@ pub struct ReaderStats {
     pub decode_errors: u64,
     pub seq: SeqStats,
     pub publisher_restarts: u64,
+    /// Frames read from the write-ahead log (a resume or a gap filled).
+    pub replayed: u64,
 }
 
 /// Opening a reader failed.
@@ -148,7 +160,15 @@ pub struct Reader {
     liveness: Liveness,
     stats: ReaderStats,
     spin_budget: Duration,
+    wal_dir: Option<std::path::PathBuf>,
+    wal: Option<WalReader>,
+    /// Replay the log up to its end before the next live frame.
+    catch_up: bool,
+    wal_buf: rkyv::util::AlignedVec<16>,
 }
+
+/// How long a gap fill waits for the log to catch up with the live stream.
+const WAL_WAIT: Duration = Duration::from_secs(2);
 
 const LOG_FIRST: u64 = 10;
 /// Samples handed out per `next_batch` call at most.
@@ -172,6 +192,10 @@ impl Reader {
             liveness: Liveness::default(),
             stats: ReaderStats::default(),
             spin_budget: Duration::from_micros(50),
+            wal_dir: options.wal,
+            wal: None,
+            catch_up: false,
+            wal_buf: rkyv::util::AlignedVec::new(),
         })
     }
 
@@ -183,6 +207,68 @@ impl Reader {
     /// Starts seq tracking at `seq` (the next frame expected).
     pub fn expect_seq(&mut self, seq: u64) {
         self.tracker.expect(seq);
+    }
+
+    /// Resumes at `seq`: frames from `seq` come from the write-ahead log (set with
+    /// [`ReaderOptions::wal`]) until the log has caught up with the live stream, then live — each
+    /// exactly once, in order (the live frames already seen in the log are dropped as duplicates).
+    pub fn start_at(&mut self, seq: u64) {
+        self.tracker.expect(seq);
+        self.catch_up = true;
+    }
+
+    /// Delivers logged frames from the next expected seq up to (not including) `end`, or up to the
+    /// log's current end with `None`. Waits up to [`WAL_WAIT`] for a lagging log to reach `end`.
+    fn fill(&mut self, end: Option<u64>, f: &mut impl FnMut(&FrameRef<'_>)) -> usize {
+        let Some(dir) = self.wal_dir.as_ref() else { return 0 };
+        let Some(from) = self.tracker.next_expected() else { return 0 };
+        if end.is_some_and(|e| e <= from) {
+            return 0;
+        }
+        if self.wal.is_none() {
+            self.wal = WalReader::open(dir).ok();
+        }
+        let Some(wal) = self.wal.as_mut() else { return 0 };
+        if let Err(e) = wal.seek(from) {
+            tracing::warn!(service = self.sub.service(), error = %e, from, "cannot fill from the write-ahead log");
+            return 0;
+        }
+        let started = Instant::now();
+        let mut delivered = 0;
+        loop {
+            match wal.next_record() {
+                Ok(Some(rec)) => {
+                    if end.is_some_and(|e| rec.seq >= e) {
+                        break;
+                    }
+                    self.wal_buf.clear();
+                    self.wal_buf.extend_from_slice(rec.payload);
+                    let Ok(frame) = FrameRef::parse(&self.wal_buf) else {
+                        self.stats.decode_errors += 1;
+                        tracing::warn!(service = self.sub.service(), seq = rec.seq, "undecodable frame in the log");
+                        break;
+                    };
+                    if self.tracker.on_data(rec.seq) == SeqEvent::Duplicate {
+                        continue;
+                    }
+                    self.stats.replayed += 1;
+                    self.stats.frames += 1;
+                    if self.filter.passes(&frame) {
+                        f(&frame);
+                        delivered += 1;
+                    }
+                }
+                Ok(None) => match end {
+                    Some(_) if started.elapsed() < WAL_WAIT => std::thread::sleep(Duration::from_micros(500)),
+                    _ => break,
+                },
+                Err(e) => {
+                    tracing::warn!(service = self.sub.service(), error = %e, "write-ahead log read failed");
+                    break;
+                }
+            }
+        }
+        delivered
     }
 
     pub fn stats(&self) -> ReaderStats {
@@ -236,6 +322,10 @@ impl Reader {
 
     fn drain(&mut self, f: &mut impl FnMut(&FrameRef<'_>)) -> Result<usize, BusError> {
         let mut delivered = 0;
+        if self.catch_up {
+            self.catch_up = false;
+            delivered += self.fill(None, f);
+        }
         // Bounded, so that a caller checking a deadline or a count regains control under load.
         let mut samples = 0;
         while samples < MAX_SAMPLES_PER_BATCH {
@@ -273,6 +363,10 @@ impl Reader {
                                     self.tracker.reset();
                                 }
                             }
+                            if self.tracker.next_expected().is_some_and(|n| last >= n) {
+                                // A lost tail: the log may have it.
+                                delivered += self.fill(Some(last.saturating_add(1)), f);
+                            }
                             let lost = self.tracker.on_heartbeat(last);
                             if lost > 0 && sampled(self.tracker.stats().gaps) {
                                 tracing::warn!(
@@ -290,6 +384,10 @@ impl Reader {
                         }
                     }
                 } else {
+                    if self.tracker.next_expected().is_some_and(|n| frame.seq() > n) {
+                        // A gap (or a resume): fill it from the log first, in order.
+                        delivered += self.fill(Some(frame.seq()), f);
+                    }
                     match self.tracker.on_data(frame.seq()) {
                         SeqEvent::Duplicate => continue,
                         SeqEvent::Gap { missing } if sampled(self.tracker.stats().gaps) => {
