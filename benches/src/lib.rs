@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 pub mod peer;
+pub mod walbench;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -46,6 +47,8 @@ pub struct Row {
     pub lost: u64,
     pub out_of_order: u64,
     pub per_second: f64,
+    /// Payload bytes per second where that means something (WAL), else 0.
+    pub bytes_per_second: f64,
     pub p50_ns: u64,
     pub p99_ns: u64,
     pub p999_ns: u64,
@@ -69,7 +72,7 @@ pub struct ScenarioReport {
 /// A benchmark could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum BenchRunError {
-    #[error("unknown scenario {0:?} (known: latency, throughput)")]
+    #[error("unknown scenario {0:?} (known: latency, throughput, wal)")]
     UnknownScenario(String),
     #[error("starting {what}: {source}")]
     Spawn { what: String, source: std::io::Error },
@@ -140,6 +143,7 @@ fn row(name: &str, t: Transport, r: &PeerReport) -> Row {
         lost: r.lost,
         out_of_order: r.out_of_order,
         per_second: if r.elapsed_s > 0.0 { r.received as f64 / r.elapsed_s } else { 0.0 },
+        bytes_per_second: 0.0,
         p50_ns: r.p50_ns,
         p99_ns: r.p99_ns,
         p999_ns: r.p999_ns,
@@ -229,6 +233,15 @@ pub fn run_scenario(scenario: &str, o: &BenchOptions) -> Result<ScenarioReport, 
                 r.ratio_vs_baseline = r.per_second / base_rate;
             }
         }
+        "wal" => {
+            let tmp = std::env::temp_dir().join(format!("mdbus-bench-wal-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&tmp);
+            std::fs::create_dir_all(&tmp)
+                .map_err(|e| BenchRunError::Peer { what: "wal".into(), detail: e.to_string() })?;
+            let r = walbench::run(o, &tmp);
+            let _ = std::fs::remove_dir_all(&tmp);
+            rows = r?;
+        }
         other => return Err(BenchRunError::UnknownScenario(other.into())),
     }
     Ok(ScenarioReport {
@@ -262,6 +275,23 @@ pub fn render_table(r: &ScenarioReport) -> String {
                 x.p99_ns as f64 / 1e3,
                 x.p999_ns as f64 / 1e3,
                 x.max_ns as f64 / 1e3,
+                x.ratio_vs_baseline
+            ));
+        }
+    } else if r.scenario == "wal" {
+        s.push_str(&format!(
+            "{:<50} {:>10} {:>13} {:>9} {:>9} {:>9} {:>8}\n",
+            "case", "frames", "frames/s", "MB/s", "p50 µs", "p99 µs", "ratio"
+        ));
+        for x in &r.rows {
+            s.push_str(&format!(
+                "{:<50} {:>10} {:>13.0} {:>9.1} {:>9.2} {:>9.2} {:>7.2}x\n",
+                x.name,
+                x.messages,
+                x.per_second,
+                x.bytes_per_second / 1e6,
+                x.p50_ns as f64 / 1e3,
+                x.p99_ns as f64 / 1e3,
                 x.ratio_vs_baseline
             ));
         }

@@ -12,7 +12,7 @@ use crate::Cli;
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// `latency` or `throughput` (or `all`).
+    /// `latency`, `throughput`, `wal` (or `all`).
     pub scenario: String,
     /// A short run (under a minute for all scenarios).
     #[arg(long)]
@@ -45,7 +45,7 @@ pub fn run(_cli: &Cli, a: &BenchArgs) -> Result<ExitCode> {
     let exe = std::env::current_exe().context("locating the mdbus executable")?;
     let opts = BenchOptions { exe, quick: a.quick, pin: !a.no_pin, rate: a.rate, count: a.count };
     let scenarios: Vec<&str> = match a.scenario.as_str() {
-        "all" => vec!["latency", "throughput"],
+        "all" => vec!["latency", "throughput", "wal"],
         s => vec![s],
     };
     for s in scenarios {
