@@ -156,3 +156,28 @@ fn a_broker_killed_with_sigkill_continues_its_sequence_from_the_log() {
     assert!(first[0]["seq"].as_u64().unwrap() > 5_000);
     forget_bus(&bus);
 }
+
+#[test]
+fn replay_follow_prints_frames_as_the_broker_logs_them() {
+    let bus = unique_bus("follow");
+    let dir = TempDir::new("follow");
+    let wal = dir.0.join("wal");
+    let wal_s = wal.to_str().unwrap();
+    let broker = Proc::spawn("broker", &["broker", "--bus", &bus, "--wal", wal_s, "--rate", "1000"]);
+    wait_logged(wal_s, 10, Duration::from_secs(60));
+    // Started while the broker runs: everything from 1, then new frames as they are logged.
+    let mut follow = Proc::spawn("replay", &["replay", "--wal", wal_s, "--from-seq", "1", "--follow"]);
+    let rx = follow.lines();
+    let mut next = 1;
+    let lines = collect_until(&rx, Duration::from_secs(60), |v| {
+        assert_eq!(v["seq"].as_u64().unwrap(), next, "replay --follow skipped or repeated a frame");
+        next += 1;
+        next > 20_000
+    });
+    assert_eq!(lines.len(), 20_000);
+    let (ok, err) = follow.stop(Duration::from_secs(10));
+    assert!(ok, "{err}");
+    let (ok, err) = broker.stop(Duration::from_secs(10));
+    assert!(ok, "{err}");
+    forget_bus(&bus);
+}
