@@ -90,6 +90,8 @@ pub enum BrokerRunError {
     WalThread(#[from] WalThreadStartError),
     #[error(transparent)]
     WalAppend(#[from] mdbus_wal::WalAppendError),
+    #[error(transparent)]
+    WalSink(#[from] crate::walthread::WalSinkError),
     #[error("frame encoding failed at seq {0}")]
     Encode(Seq),
 }
@@ -213,7 +215,7 @@ impl Batcher {
         self.writer.set_publish_time(now_ns());
         let reached = self.publisher.send(self.writer.as_bytes())?;
         if let Some(w) = self.wal.as_mut() {
-            w.submit(self.writer.as_bytes());
+            w.submit(self.writer.as_bytes())?;
         }
         self.report.samples += 1;
         self.report.frames += self.writer.frames() as u64;
@@ -315,7 +317,8 @@ pub fn run(
     let hb_every = Duration::from_millis(config.heartbeat_ms.max(1));
     let mut hb = Heartbeat {
         publisher_id,
-        last_seq: 0,
+        // After a restart the log's last seq: readers resume from there, not from 1.
+        last_seq: out.next_seq - 1,
         interval_ms: config.heartbeat_ms as u32,
         feed_state: FeedState::Unknown as u8,
         started_at_ns,

@@ -22,13 +22,24 @@ pub struct WalSink {
     full: Producer<Vec<u8>>,
     empty: Consumer<Vec<u8>>,
     stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<Result<u64, WalAppendError>>>,
+    thread: Option<JoinHandle<Result<u64, WalSinkError>>>,
 }
 
 impl std::fmt::Debug for WalSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WalSink").finish_non_exhaustive()
     }
+}
+
+/// The WAL thread stopped with an error (or panicked): the broker must stop, not hang.
+#[derive(Debug, thiserror::Error)]
+pub enum WalSinkError {
+    #[error("wal writer failed: {0}")]
+    Append(#[from] WalAppendError),
+    #[error("wal writer thread panicked")]
+    Panicked,
+    #[error("wal writer: undecodable frame in a published sample ({0})")]
+    Frame(mdbus_schema::FrameDecodeError),
 }
 
 /// Starting the WAL thread failed.
@@ -58,7 +69,8 @@ impl WalSink {
             loop {
                 match from_publisher.pop() {
                     Ok(mut buf) => {
-                        for frame in FrameIter::new(&buf).flatten() {
+                        for frame in FrameIter::new(&buf) {
+                            let frame = frame.map_err(WalSinkError::Frame)?;
                             if frame.kind() != FrameKind::Heartbeat {
                                 wal.append(frame.seq(), frame.raw())?;
                                 appended += 1;
@@ -88,25 +100,44 @@ impl WalSink {
         Ok(WalSink { full, empty, stop, thread: Some(thread) })
     }
 
-    /// Hands a sent sample to the WAL thread; waits for a free buffer if all are in flight.
-    pub fn submit(&mut self, sample: &[u8]) {
+    /// Hands a sent sample to the WAL thread; waits for a free buffer if all are in flight. Fails
+    /// if the WAL thread has stopped (its error is returned).
+    pub fn submit(&mut self, sample: &[u8]) -> Result<(), WalSinkError> {
         let mut buf = loop {
             match self.empty.pop() {
                 Ok(b) => break b,
-                Err(_) => std::thread::yield_now(),
+                Err(_) => {
+                    if self.thread.as_ref().is_none_or(JoinHandle::is_finished) {
+                        return Err(self.join().err().unwrap_or(WalSinkError::Panicked));
+                    }
+                    std::thread::yield_now();
+                }
             }
         };
         buf.extend_from_slice(sample);
         // Invariant: buffers circulate, so the full queue always has room for one we popped.
         let _ = self.full.push(buf);
+        Ok(())
+    }
+
+    fn join(&mut self) -> Result<u64, WalSinkError> {
+        match self.thread.take().map(JoinHandle::join) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(WalSinkError::Panicked),
+            None => Ok(0),
+        }
     }
 
     /// Lets the thread write what it has, commit, and stop. Returns the records appended.
-    pub fn stop(mut self) -> Result<u64, WalAppendError> {
+    pub fn stop(mut self) -> Result<u64, WalSinkError> {
         self.stop.store(true, Ordering::Release);
-        match self.thread.take().map(JoinHandle::join) {
-            Some(Ok(r)) => r,
-            _ => Ok(0),
-        }
+        self.join()
+    }
+}
+
+impl Drop for WalSink {
+    fn drop(&mut self) {
+        // Dropped on an error path: let the thread finish what it has and exit.
+        self.stop.store(true, Ordering::Release);
     }
 }

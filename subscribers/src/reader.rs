@@ -165,6 +165,9 @@ pub struct Reader {
     /// Replay the log up to its end before the next live frame.
     catch_up: bool,
     wal_buf: rkyv::util::AlignedVec<16>,
+    /// After a fill gave up waiting for the log, later fills do not wait until this time (a log
+    /// that is not being written must not stall the live stream at every gap).
+    wal_stale_until: Option<Instant>,
 }
 
 /// How long a gap fill waits for the log to catch up with the live stream.
@@ -196,6 +199,7 @@ impl Reader {
             wal: None,
             catch_up: false,
             wal_buf: rkyv::util::AlignedVec::new(),
+            wal_stale_until: None,
         })
     }
 
@@ -234,6 +238,7 @@ impl Reader {
             return 0;
         }
         let started = Instant::now();
+        let may_wait = self.wal_stale_until.is_none_or(|t| started >= t);
         let mut delivered = 0;
         loop {
             match wal.next_record() {
@@ -259,8 +264,21 @@ impl Reader {
                     }
                 }
                 Ok(None) => match end {
-                    Some(_) if started.elapsed() < WAL_WAIT => std::thread::sleep(Duration::from_micros(500)),
-                    _ => break,
+                    Some(_) if may_wait && started.elapsed() < WAL_WAIT => {
+                        std::thread::sleep(Duration::from_micros(500))
+                    }
+                    Some(e) => {
+                        if may_wait {
+                            tracing::warn!(
+                                service = self.sub.service(),
+                                until = e,
+                                "the write-ahead log does not reach the live stream; gaps are counted"
+                            );
+                            self.wal_stale_until = Some(Instant::now() + Duration::from_secs(10));
+                        }
+                        break;
+                    }
+                    None => break,
                 },
                 Err(e) => {
                     tracing::warn!(service = self.sub.service(), error = %e, "write-ahead log read failed");

@@ -182,6 +182,8 @@ pub struct WalReader {
     segments: Vec<(Seq, PathBuf)>,
     current: usize,
     scanner: Option<Scanner>,
+    /// Records below this seq are not returned (a seek past the current end of the log).
+    skip_below: Seq,
     /// Records scanned past while seeking (shows that seeking does not scan the log).
     pub records_skipped: u64,
 }
@@ -189,7 +191,7 @@ pub struct WalReader {
 impl WalReader {
     pub fn open(dir: &Path) -> Result<WalReader, WalReadError> {
         let segments = list_segments(dir).map_err(io(dir))?;
-        Ok(WalReader { dir: dir.to_owned(), segments, current: 0, scanner: None, records_skipped: 0 })
+        Ok(WalReader { dir: dir.to_owned(), segments, current: 0, scanner: None, skip_below: 0, records_skipped: 0 })
     }
 
     /// The oldest seq the log can serve, if any.
@@ -213,12 +215,26 @@ impl WalReader {
         }
         let i = self.segments.partition_point(|s| s.0 <= seq) - 1;
         let path = self.segments[i].1.clone();
-        let (mut sc, _) = Scanner::open(&path)?;
+        let (mut sc, header) = Scanner::open(&path)?;
+        if header.base_seq != self.segments[i].0 {
+            return Err(WalReadError::Corrupt {
+                path,
+                offset: 16,
+                reason: "header base seq differs from the file name",
+            });
+        }
         let index = load_index(&path);
         let j = index.partition_point(|e| e.0 <= seq);
         if j > 0 {
             let (s, off) = index[j - 1];
             sc.jump(off, s)?;
+            // The index is a cache: if its entry does not land on that record, scan instead.
+            let ok = matches!(sc.step()?, Step::Record { seq: got, .. } if got == s);
+            if ok {
+                sc.jump(off, s)?;
+            } else {
+                sc = Scanner::open(&path)?.0;
+            }
         }
         // Scan forward to `seq`, remembering where it starts.
         loop {
@@ -238,6 +254,7 @@ impl WalReader {
         }
         self.current = i;
         self.scanner = Some(sc);
+        self.skip_below = seq;
         Ok(())
     }
 
@@ -254,6 +271,7 @@ impl WalReader {
         loop {
             let Some(sc) = self.scanner.as_mut() else { return Ok(None) };
             match sc.step()? {
+                Step::Record { seq, .. } if seq < self.skip_below => continue,
                 Step::Record { seq, .. } => {
                     let sc = self.scanner.as_ref().map(|s| &s.payload[..]).unwrap_or(&[]);
                     return Ok(Some(RecordRef { seq, payload: sc }));
@@ -265,16 +283,41 @@ impl WalReader {
                     // The end of this segment: move on if a newer one exists, else wait.
                     let expect = sc.expect;
                     let (offset, path) = (sc.offset, sc.path.clone());
-                    if self.current + 1 >= self.segments.len() {
-                        self.refresh()?;
-                    }
-                    match self.segments.get(self.current + 1) {
-                        Some((base, next)) if *base == expect => {
-                            let (s, _) = Scanner::open(next)?;
-                            self.current += 1;
-                            self.scanner = Some(s);
-                        }
+                    self.refresh()?;
+                    // Retention may have removed older segments: find ours again by name.
+                    let Some(cur) = self.segments.iter().position(|s| s.1 == path) else {
+                        return Err(WalReadError::TooOld {
+                            requested: expect,
+                            oldest: self.first_seq().unwrap_or(expect),
+                        });
+                    };
+                    self.current = cur;
+                    match self.segments.get(cur + 1).cloned() {
+                        Some((base, next)) if base == expect => match Scanner::open(&next) {
+                            Ok((s, _)) => {
+                                self.current += 1;
+                                self.scanner = Some(s);
+                            }
+                            // Created but its header not written yet: try again later.
+                            Err(WalReadError::Corrupt { offset: 0, .. })
+                                if std::fs::metadata(&next).map_or(true, |m| m.len() < SEGMENT_HEADER_LEN as u64) =>
+                            {
+                                return Ok(None);
+                            }
+                            Err(e) => return Err(e),
+                        },
                         Some(_) => {
+                            // A successor exists: this segment is final. Read it once more (the
+                            // writer may have flushed its last records after our look), then
+                            // it must end exactly before the successor.
+                            let sc = self.scanner.as_mut().ok_or(WalReadError::Empty { dir: self.dir.clone() })?;
+                            if let Step::Record { seq, .. } = sc.step()? {
+                                if seq < self.skip_below {
+                                    continue;
+                                }
+                                let payload = self.scanner.as_ref().map(|s| &s.payload[..]).unwrap_or(&[]);
+                                return Ok(Some(RecordRef { seq, payload }));
+                            }
                             return Err(WalReadError::Corrupt { path, offset, reason: "segment ends early" });
                         }
                         None => return Ok(None),

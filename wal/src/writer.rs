@@ -114,6 +114,9 @@ fn create_segment(dir: &Path, base: Seq, stream_id: u32) -> std::io::Result<(Pat
     let mut f = OpenOptions::new().create(true).write(true).truncate(true).open(&path)?;
     f.write_all(&SegmentHeader { stream_id, base_seq: base }.encode())?;
     let idx = OpenOptions::new().create(true).write(true).truncate(true).open(index_path(&path))?;
+    f.sync_all()?;
+    // The new file's name must survive a power cut too.
+    File::open(dir)?.sync_all()?;
     Ok((path, f, idx))
 }
 
@@ -125,17 +128,17 @@ impl Wal {
         std::fs::create_dir_all(dir).map_err(open_err(dir))?;
         let mut segments = list_segments(dir).map_err(open_err(dir))?;
         let mut truncated = None;
-        // A newest segment whose header never made it to disk holds nothing: drop it.
-        while let Some((_, path)) = segments.last() {
-            match Scanner::open(path) {
-                Ok(_) => break,
-                Err(WalReadError::Corrupt { offset: 0, reason, .. }) => {
-                    tracing::warn!(file = %path.display(), reason, "removing newest wal segment with an unreadable header");
-                    let _ = std::fs::remove_file(index_path(path));
-                    std::fs::remove_file(path).map_err(open_err(path))?;
+        // A newest segment whose header never made it to disk (shorter than a header, or zeros)
+        // holds nothing: drop it. Any other bad header is an error, never a deletion.
+        if let Some((_, path)) = segments.last().cloned() {
+            if let Err(WalReadError::Corrupt { offset: 0, .. }) = Scanner::open(&path) {
+                let bytes = std::fs::read(&path).map_err(open_err(&path))?;
+                if bytes.len() < SEGMENT_HEADER_LEN || bytes[..SEGMENT_HEADER_LEN].iter().all(|&b| b == 0) {
+                    tracing::warn!(file = %path.display(), "removing the newest wal segment: its header was never written");
+                    let _ = std::fs::remove_file(index_path(&path));
+                    std::fs::remove_file(&path).map_err(open_err(&path))?;
                     segments.pop();
                 }
-                Err(e) => return Err(e.into()),
             }
         }
         let Some((base, path)) = segments.last().cloned() else {
@@ -144,7 +147,16 @@ impl Wal {
             return Ok((wal, RecoveryReport { last_seq: None, segments: 1, truncated: None }));
         };
         // Read the newest segment through, rebuilding its index.
-        let (mut sc, _) = Scanner::open(&path)?;
+        let (mut sc, header) = Scanner::open(&path)?;
+        if header.stream_id != options.stream_id {
+            return Err(WalOpenError::Io {
+                path: path.clone(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("log of stream {}, not {}", header.stream_id, options.stream_id),
+                ),
+            });
+        }
         let mut entries: Vec<u8> = Vec::new();
         let mut records = 0u64;
         let end = loop {

@@ -248,6 +248,46 @@ fn a_reader_follows_records_as_they_are_committed() {
 }
 
 #[test]
+fn a_seek_past_the_end_returns_that_seq_once_it_is_written() {
+    let d = Dir::new("ahead");
+    let (mut w, _) = Wal::open(&d.0, opts(1 << 20)).unwrap();
+    for s in 1..=10 {
+        w.append(s, &payload(s)).unwrap();
+    }
+    w.commit().unwrap();
+    let mut r = WalReader::open(&d.0).unwrap();
+    r.seek(15).unwrap();
+    assert!(r.next_record().unwrap().is_none());
+    for s in 11..=20 {
+        w.append(s, &payload(s)).unwrap();
+    }
+    w.commit().unwrap();
+    assert_eq!(r.next_record().unwrap().unwrap().seq, 15, "nothing before the seq sought");
+}
+
+#[test]
+fn a_damaged_index_is_only_a_cache() {
+    let d = Dir::new("badidx");
+    write(&d.0, 1..=2_000, 1 << 20);
+    let seg = segments(&d.0).pop().unwrap();
+    let idx = seg.with_extension("idx");
+    let mut bytes = std::fs::read(&idx).unwrap();
+    // Shift every offset: increasing, but pointing at the wrong places.
+    for e in bytes.chunks_exact_mut(16) {
+        let off = u64::from_le_bytes(e[8..16].try_into().unwrap()) + 16;
+        e[8..16].copy_from_slice(&off.to_le_bytes());
+    }
+    std::fs::write(&idx, &bytes).unwrap();
+    let mut r = WalReader::open(&d.0).unwrap();
+    r.seek(1_777).unwrap();
+    assert_eq!(r.next_record().unwrap().unwrap().seq, 1_777);
+    std::fs::remove_file(&idx).unwrap();
+    let mut r = WalReader::open(&d.0).unwrap();
+    r.seek(1_999).unwrap();
+    assert_eq!(r.next_record().unwrap().unwrap().seq, 1_999);
+}
+
+#[test]
 fn durability_policies_parse() {
     assert_eq!("none".parse::<Durability>().unwrap(), Durability::None);
     assert_eq!("every-batch".parse::<Durability>().unwrap(), Durability::EveryBatch);
