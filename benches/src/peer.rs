@@ -107,15 +107,14 @@ pub enum PeerError {
     Other(String),
 }
 
+/// The broker's clock (ns since the epoch), as the frame header carries it.
 fn now_ns() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+    mdbus_publisher::broker::now_ns() as u64
 }
 
 fn pin(core: Option<usize>) {
     if let Some(c) = core {
-        if let Some(id) = core_affinity::get_core_ids().unwrap_or_default().into_iter().find(|i| i.id == c) {
-            core_affinity::set_for_current(id);
-        }
+        mdbus_publisher::affinity::pin_current_thread(c);
     }
 }
 

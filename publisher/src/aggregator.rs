@@ -175,10 +175,16 @@ impl DirtyTable {
         self.list.clear();
     }
     /// Moves everything into a table with room for `slots` (keeps the marks).
-    fn grow_into(&mut self, mut fresh: DirtyTable) -> DirtyTable {
-        fresh.bits[..self.bits.len()].copy_from_slice(&self.bits);
-        fresh.list.extend_from_slice(&self.list);
-        std::mem::replace(self, fresh)
+    /// Copies `old`'s marks into this (bigger) table. Never allocates: capacity is sized for every slot.
+    fn copy_from(&mut self, old: &DirtyTable) {
+        self.bits[..old.bits.len()].copy_from_slice(&old.bits);
+        self.list.extend_from_slice(&old.list);
+    }
+    /// Moves everything into `fresh` and returns the old table, to be freed off the hot path.
+    fn grow_into(&mut self, fresh: DirtyTable) -> DirtyTable {
+        let old = std::mem::replace(self, fresh);
+        self.copy_from(&old);
+        old
     }
 }
 
@@ -650,15 +656,18 @@ impl SnapshotTables {
         }
     }
 
-    fn grow_into(&mut self, mut fresh: SnapshotTables) -> SnapshotTables {
-        fresh.dirty = std::mem::take(&mut self.dirty).grow_into_owned(fresh.dirty);
-        fresh.frozen_slots = std::mem::take(&mut self.frozen_slots).grow_into_owned(fresh.frozen_slots);
-        fresh.closed.extend_from_slice(&self.closed);
-        fresh.frozen_closed.extend_from_slice(&self.frozen_closed);
-        fresh.frozen_open.extend_from_slice(&self.frozen_open);
-        fresh.frozen_id = self.frozen_id;
-        fresh.next_id = self.next_id;
-        std::mem::replace(self, fresh)
+    /// Moves everything into `fresh` and returns the old tables, allocations included, to be
+    /// freed off the hot path (nothing is allocated or freed here).
+    fn grow_into(&mut self, fresh: SnapshotTables) -> SnapshotTables {
+        let old = std::mem::replace(self, fresh);
+        self.dirty.copy_from(&old.dirty);
+        self.frozen_slots.copy_from(&old.frozen_slots);
+        self.closed.extend_from_slice(&old.closed);
+        self.frozen_closed.extend_from_slice(&old.frozen_closed);
+        self.frozen_open.extend_from_slice(&old.frozen_open);
+        self.frozen_id = old.frozen_id;
+        self.next_id = old.next_id;
+        old
     }
 
     fn take(&mut self, current: impl Fn(usize, usize) -> Option<Kline>) -> Snapshot<'_> {
@@ -691,14 +700,6 @@ impl SnapshotTables {
         self.frozen_closed.clear();
         self.frozen_open.clear();
         true
-    }
-}
-
-impl DirtyTable {
-    fn grow_into_owned(self, mut fresh: DirtyTable) -> DirtyTable {
-        fresh.bits[..self.bits.len()].copy_from_slice(&self.bits);
-        fresh.list.extend_from_slice(&self.list);
-        fresh
     }
 }
 
@@ -1031,6 +1032,25 @@ mod tests {
         assert!(s3.closed.is_empty());
         assert_eq!(s3.open.len(), 16, "only what changed since the commit");
         assert!(s3.open.iter().all(|k| k.symbol_id == 0 && k.last_trade_id == 3));
+    }
+
+    #[test]
+    fn growing_keeps_an_uncommitted_snapshot() {
+        let mut a =
+            Aggregator::with_storage(AggregatorStorage::new(1, true), AggregatorConfig { snapshots: true, ..cfg(0) });
+        a.add_symbol(spec(0)).unwrap();
+        a.on_trade(&trade_of(0, 1, T0 + 100, 100, 1, false), &mut |_| {});
+        a.on_trade(&trade_of(0, 2, T0 + 1_100, 101, 1, false), &mut |_| {});
+        let id = a.take_snapshot().unwrap().id;
+        let old = a.adopt(AggregatorStorage::new(4, true));
+        assert_eq!(old.capacity(), 1);
+        a.add_symbol(spec(1)).unwrap();
+        a.on_trade(&trade_of(1, 1, T0 + 1_200, 500, 1, false), &mut |_| {});
+        // Not committed before growing: the next snapshot still has the first one's contents.
+        let s = a.take_snapshot().unwrap();
+        assert!(s.id > id);
+        assert_eq!(s.closed.len(), 1);
+        assert_eq!(s.open.len(), 32);
     }
 
     #[test]

@@ -229,12 +229,10 @@ impl Batcher {
 
 fn pin(core: Option<usize>) {
     let Some(core) = core else { return };
-    let ids = core_affinity::get_core_ids().unwrap_or_default();
-    match ids.into_iter().find(|c| c.id == core) {
-        Some(id) if core_affinity::set_for_current(id) => {
-            tracing::info!(core, "broker thread pinned")
-        }
-        _ => tracing::warn!(core, "cannot pin the broker thread to this core; running unpinned"),
+    if crate::affinity::pin_current_thread(core) {
+        tracing::info!(core, "broker thread pinned");
+    } else {
+        tracing::warn!(core, "cannot pin the broker thread to this core; running unpinned");
     }
 }
 
@@ -353,7 +351,7 @@ pub fn run(
     while !stop.load(Ordering::Relaxed) {
         if control.reload.swap(false, Ordering::Relaxed) {
             if let Some(source) = symbols_source {
-                reload_symbols(source, &mut feed, &mut engine, &mut out, recorder.as_mut());
+                reload_symbols(source, &mut feed, &mut engine, &mut out);
             }
         }
         let round_start_ns = now_ns();
@@ -462,13 +460,7 @@ pub fn run(
 
 /// SIGHUP: applies a new symbol list. New symbols get the next ids and start trading; symbols no
 /// longer listed stop (their open K-lines are discarded).
-fn reload_symbols(
-    source: &SymbolsSource,
-    feed: &mut SyntheticFeed,
-    engine: &mut Engine,
-    out: &mut Batcher,
-    _recorder: Option<&mut Recorder>,
-) {
+fn reload_symbols(source: &SymbolsSource, feed: &mut SyntheticFeed, engine: &mut Engine, out: &mut Batcher) {
     let wanted = match source() {
         Ok(w) => w,
         Err(e) => {

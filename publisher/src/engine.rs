@@ -128,10 +128,10 @@ pub struct EngineStartError {
 }
 
 fn pin(core: usize, worker: usize) {
-    let ids = core_affinity::get_core_ids().unwrap_or_default();
-    match ids.into_iter().find(|c| c.id == core) {
-        Some(id) if core_affinity::set_for_current(id) => tracing::info!(worker, core, "aggregation worker pinned"),
-        _ => tracing::warn!(worker, core, "cannot pin aggregation worker to this core; running unpinned"),
+    if crate::affinity::pin_current_thread(core) {
+        tracing::info!(worker, core, "aggregation worker pinned");
+    } else {
+        tracing::warn!(worker, core, "cannot pin aggregation worker to this core; running unpinned");
     }
 }
 

@@ -4,6 +4,7 @@
 //! shared memory (`mdbus-bus`), read by `mdbus-subscribers`, and the optional `--record` CSV.
 #![forbid(unsafe_code)]
 
+pub mod affinity;
 pub mod aggregator;
 pub mod broker;
 pub mod engine;
