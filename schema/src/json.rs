@@ -27,8 +27,53 @@ fn symbol_str(raw: &crate::symbol::ArchivedSymbol) -> Symbol {
     raw.to_symbol().unwrap_or_else(|_| Symbol::new("INVALID").unwrap_or_else(|_| unreachable!()))
 }
 
+/// The unit of the times in an event: Binance's default milliseconds, or microseconds (its
+/// `timeUnit=MICROSECOND` connection option).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum TimeUnit {
+    #[default]
+    Millisecond,
+    Microsecond,
+}
+
+impl TimeUnit {
+    /// A start-of-interval time (ms) in this unit.
+    pub fn from_ms(self, ms: i64) -> i64 {
+        match self {
+            TimeUnit::Millisecond => ms,
+            TimeUnit::Microsecond => ms.saturating_mul(1000),
+        }
+    }
+    /// An end-of-interval time (ms, inclusive: next open − 1 ms) in this unit: next open − 1 unit.
+    pub fn end_from_ms(self, ms: i64) -> i64 {
+        match self {
+            TimeUnit::Millisecond => ms,
+            TimeUnit::Microsecond => ms.saturating_mul(1000).saturating_add(999),
+        }
+    }
+    /// A time in µs, in this unit (ms round down).
+    pub fn from_us(self, us: i64) -> i64 {
+        match self {
+            TimeUnit::Millisecond => us.div_euclid(1000),
+            TimeUnit::Microsecond => us,
+        }
+    }
+    /// A time in ns, in this unit (rounded down).
+    pub fn from_ns(self, ns: i64) -> i64 {
+        match self {
+            TimeUnit::Millisecond => ns.div_euclid(1_000_000),
+            TimeUnit::Microsecond => ns.div_euclid(1000),
+        }
+    }
+}
+
 /// Writes Binance's kline object (`{"t":…,"B":"0"}`) for an archived K-line.
 pub fn write_kline_object(out: &mut String, k: &ArchivedKline) {
+    write_kline_object_in(out, k, TimeUnit::Millisecond);
+}
+
+/// [`write_kline_object`] with times in `unit`.
+pub fn write_kline_object_in(out: &mut String, k: &ArchivedKline, unit: TimeUnit) {
     let ps = k.price_scale;
     let qs = k.qty_scale;
     let interval = Interval::from_u8(k.interval).map_or("?", Interval::as_str);
@@ -36,8 +81,8 @@ pub fn write_kline_object(out: &mut String, k: &ArchivedKline) {
     let _ = write!(
         out,
         "{{\"t\":{},\"T\":{},\"s\":\"{}\",\"i\":\"{}\",\"f\":{},\"L\":{},\"o\":",
-        k.open_time.to_native(),
-        k.close_time.to_native(),
+        unit.from_ms(k.open_time.to_native()),
+        unit.end_from_ms(k.close_time.to_native()),
         sym.as_str(),
         interval,
         k.first_trade_id.to_native(),
@@ -63,12 +108,17 @@ pub fn write_kline_object(out: &mut String, k: &ArchivedKline) {
 
 /// Writes Binance's trade fields (`"s":…,"t":…,"p":…,"q":…,"T":…,"m":…`) without braces.
 pub fn write_trade_fields(out: &mut String, t: &ArchivedTrade) {
+    write_trade_fields_in(out, t, TimeUnit::Millisecond);
+}
+
+/// [`write_trade_fields`] with the trade time in `unit`.
+pub fn write_trade_fields_in(out: &mut String, t: &ArchivedTrade, unit: TimeUnit) {
     let sym = symbol_str(&t.symbol);
     let _ = write!(out, "\"s\":\"{}\",\"t\":{},\"p\":", sym.as_str(), t.trade_id.to_native());
     push_decimal(out, i128::from(t.price.to_native()), t.price_scale);
     out.push_str(",\"q\":");
     push_decimal(out, i128::from(t.qty.to_native()), t.qty_scale);
-    let _ = write!(out, ",\"T\":{},\"m\":{}", t.time_us.to_native().div_euclid(1000), t.is_buyer_maker);
+    let _ = write!(out, ",\"T\":{},\"m\":{}", unit.from_us(t.time_us.to_native()), t.is_buyer_maker);
 }
 
 fn write_heartbeat_fields(out: &mut String, h: &ArchivedHeartbeat) {

@@ -20,6 +20,47 @@ pub struct Config {
     pub broker: BrokerSection,
     #[serde(default)]
     pub wal: WalSection,
+    #[serde(default)]
+    pub gateway: GatewaySection,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewaySection {
+    pub listen: String,
+    /// Empty: no token (allowed only on a loopback address).
+    pub token: String,
+    pub queue: usize,
+    pub slow_client: String,
+    pub max_connections: usize,
+    pub max_streams: usize,
+    pub max_message_bytes: usize,
+    pub max_msg_rate: f64,
+    pub abuse_after: u32,
+    pub ping_interval_s: f64,
+    pub pong_timeout_s: f64,
+    pub threads: usize,
+    pub core: Option<usize>,
+}
+
+impl Default for GatewaySection {
+    fn default() -> Self {
+        GatewaySection {
+            listen: "127.0.0.1:9443".into(),
+            token: String::new(),
+            queue: 4096,
+            slow_client: "conflate".into(),
+            max_connections: 4096,
+            max_streams: 1024,
+            max_message_bytes: 65536,
+            max_msg_rate: 5.0,
+            abuse_after: 10,
+            ping_interval_s: 20.0,
+            pong_timeout_s: 60.0,
+            threads: 1,
+            core: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -187,6 +228,25 @@ impl Config {
         }
         if self.broker.max_empty_run == 0 {
             bail!("broker.max_empty_run must be at least 1");
+        }
+        let g = &self.gateway;
+        if let Err(e) = g.listen.parse::<std::net::SocketAddr>() {
+            bail!("gateway.listen = {:?}: {e} (expected IP:PORT)", g.listen);
+        }
+        if let Err(e) = g.slow_client.parse::<mdbus_gateway::SlowPolicy>() {
+            bail!("gateway.slow_client: {e}");
+        }
+        if g.queue == 0 || g.max_connections == 0 || g.max_streams == 0 || g.threads == 0 {
+            bail!("gateway.queue, max_connections, max_streams and threads must be at least 1");
+        }
+        if g.max_message_bytes < 1024 {
+            bail!("gateway.max_message_bytes = {} is below 1024", g.max_message_bytes);
+        }
+        if !(g.max_msg_rate > 0.0 && g.max_msg_rate.is_finite()) {
+            bail!("gateway.max_msg_rate = {} must be a positive number", g.max_msg_rate);
+        }
+        if !(g.ping_interval_s > 0.0 && g.pong_timeout_s > 0.0) {
+            bail!("gateway.ping_interval_s and pong_timeout_s must be positive");
         }
         if self.broker.close_grace_ms < 0 {
             bail!("broker.close_grace_ms = {} must not be negative", self.broker.close_grace_ms);

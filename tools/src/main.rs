@@ -56,6 +56,8 @@ pub enum Command {
     Demo(cmd::demo::DemoArgs),
     /// Ingest trades, aggregate K-lines, publish them on the bus.
     Broker(cmd::broker::BrokerArgs),
+    /// Serve the bus to WebSocket clients, speaking Binance's market-stream protocol.
+    Gateway(cmd::gateway::GatewayArgs),
     /// Print frames of a stream as JSON lines.
     Tail(cmd::tail::TailArgs),
     /// Print frames from the write-ahead log (`--from-seq N`, `--to-seq M`, `--follow`).
@@ -83,6 +85,7 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Demo(a) => cmd::demo::run(&cli, a),
         Command::Broker(a) => cmd::broker::run(&cli, a),
+        Command::Gateway(a) => cmd::gateway::run(&cli, a),
         Command::Tail(a) => cmd::tail::run(&cli, a),
         Command::Replay(a) => cmd::replay::run(&cli, a),
         Command::Bench(a) => cmd::bench::run(&cli, a),

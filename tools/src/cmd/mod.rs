@@ -3,5 +3,6 @@
 pub mod bench;
 pub mod broker;
 pub mod demo;
+pub mod gateway;
 pub mod replay;
 pub mod tail;

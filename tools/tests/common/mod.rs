@@ -172,3 +172,107 @@ pub fn collect_until(
         }
     }
 }
+
+/// The Python interpreter of a virtual environment with `tests/py/requirements.txt` installed
+/// (the real, unmodified client packages the gateway tests drive). Created on first use under
+/// the target directory and shared by all tests (a file lock serialises the set-up);
+/// `MDBUS_PYTHON` names an existing interpreter instead.
+pub fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("MDBUS_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let reqs_path = manifest.join("tests/py/requirements.txt");
+    let reqs = std::fs::read_to_string(&reqs_path).unwrap();
+    let root = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("pyenv");
+    let py = root.join("bin/python");
+    let stamp = root.join(".installed");
+    std::fs::create_dir_all(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let lock = std::fs::File::create(std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("pyenv.lock")).unwrap();
+    lock.lock().unwrap();
+    if std::fs::read_to_string(&stamp).ok().as_deref() == Some(reqs.as_str()) && py.exists() {
+        return py;
+    }
+    let run = |cmd: &mut Command, what: &str| {
+        let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert!(
+            out.status.success(),
+            "{what} failed (the gateway tests need python3 with venv and pip, and PyPI):\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let _ = std::fs::remove_dir_all(&root);
+    run(Command::new("python3").arg("-m").arg("venv").arg(&root), "python3 -m venv");
+    run(
+        Command::new(&py).args(["-m", "pip", "install", "-q", "--disable-pip-version-check", "-r"]).arg(&reqs_path),
+        "pip install -r tests/py/requirements.txt",
+    );
+    std::fs::write(&stamp, &reqs).unwrap();
+    py
+}
+
+/// A script under `tests/py/`.
+pub fn py_script(name: &str) -> PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py").join(name)
+}
+
+/// A running `mdbus gateway` on a free loopback port.
+pub struct Gateway {
+    pub proc: Proc,
+    pub port: u16,
+}
+
+impl Gateway {
+    pub fn start(bus: &str, extra: &[&str]) -> Gateway {
+        let mut args = vec!["gateway", "--bus", bus, "--listen", "127.0.0.1:0"];
+        args.extend_from_slice(extra);
+        let mut proc = Proc::spawn("gateway", &args);
+        let lines = proc.lines();
+        let first = lines.recv_timeout(Duration::from_secs(20)).expect("gateway did not start");
+        let port = first
+            .split("ws://127.0.0.1:")
+            .nth(1)
+            .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no port in {first:?}"));
+        // Keep draining stdout so the gateway never blocks on it.
+        std::thread::spawn(move || while lines.recv().is_ok() {});
+        Gateway { proc, port }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("ws://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// GET `path` over plain HTTP/1.1; returns (status, body).
+    pub fn get(&self, path: &str) -> (u16, String) {
+        http_get(self.port, path, &[])
+    }
+
+    /// The counters from `/health`.
+    pub fn stats(&self) -> serde_json::Value {
+        let (status, body) = self.get("/health");
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["stats"].clone()
+    }
+}
+
+/// GET `path` on 127.0.0.1:`port` with extra headers; returns (status, body).
+pub fn http_get(port: u16, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    let mut resp = String::new();
+    let _ = s.read_to_string(&mut resp);
+    let status = resp.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}

@@ -1,0 +1,382 @@
+//! The hub: the one thread that reads the bus over shared memory and fans each frame out to the
+//! outboxes of the clients subscribed to its stream.
+//!
+//! It owns the subscription table (clients change it through [`Command`]s, applied between
+//! batches), renders each frame at most once per message shape, and never waits on a socket:
+//! an outbox push is a short uncontended lock and, at most, one wake-up.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mdbus_schema::json::TimeUnit;
+use mdbus_schema::{FeedState, FrameKind, FrameRef, Interval, Symbol};
+use mdbus_subscribers::{Health, Reader, WaitMode};
+use tokio::sync::oneshot;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::encode::{FrameMessages, Shape};
+use crate::outbox::{Entry, Outbox, Pushed};
+use crate::protocol::{DataKey, StreamName, Topic, HEALTH_STREAM};
+
+/// A connected client as the hub sees it.
+#[derive(Debug)]
+pub struct Client {
+    pub id: u64,
+    /// Events wrapped as `{"stream":…,"data":…}` (changes with `SET_PROPERTY`).
+    pub combined: AtomicBool,
+    pub unit: TimeUnit,
+    pub outbox: Outbox,
+    /// Live frames below this seq are not for this client (a resume from the log covers them).
+    pub min_seq: AtomicU64,
+}
+
+impl Client {
+    pub fn shape(&self) -> Shape {
+        Shape { combined: self.combined.load(Ordering::Relaxed), unit: self.unit }
+    }
+}
+
+/// Subscription changes, from the clients' tasks to the hub.
+#[derive(Debug)]
+pub enum Command {
+    Subscribe {
+        client: Arc<Client>,
+        streams: Vec<StreamName>,
+    },
+    Unsubscribe {
+        client_id: u64,
+        streams: Vec<StreamName>,
+    },
+    /// Subscribe and resume at `from_seq`: the hub replies with the last seq it dispatched before
+    /// the client joined (`None`: none yet), which the client's log catch-up must reach.
+    Join {
+        client: Arc<Client>,
+        streams: Vec<StreamName>,
+        from_seq: u64,
+        reply: oneshot::Sender<Option<u64>>,
+    },
+    /// The client is gone.
+    Remove {
+        client_id: u64,
+        streams: Vec<StreamName>,
+    },
+}
+
+/// Counters of the gateway, shared by the hub, the server and the client tasks.
+#[derive(Debug, Default)]
+pub struct GatewayStats {
+    pub connections_open: AtomicU64,
+    pub connections_total: AtomicU64,
+    pub connections_refused: AtomicU64,
+    pub frames_in: AtomicU64,
+    pub decode_errors: AtomicU64,
+    pub messages_queued: AtomicU64,
+    pub messages_out: AtomicU64,
+    pub bytes_out: AtomicU64,
+    pub conflated: AtomicU64,
+    pub disconnected_slow: AtomicU64,
+    pub disconnected_abuse: AtomicU64,
+    pub disconnected_pong_timeout: AtomicU64,
+    pub requests: AtomicU64,
+    pub request_errors: AtomicU64,
+    pub rate_limited: AtomicU64,
+    pub resumes: AtomicU64,
+    pub resumed_frames: AtomicU64,
+    pub rest_requests: AtomicU64,
+}
+
+impl GatewayStats {
+    /// The counters as a JSON object.
+    pub fn to_json(&self) -> serde_json::Value {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        serde_json::json!({
+            "connections_open": g(&self.connections_open),
+            "connections_total": g(&self.connections_total),
+            "connections_refused": g(&self.connections_refused),
+            "frames_in": g(&self.frames_in),
+            "decode_errors": g(&self.decode_errors),
+            "messages_queued": g(&self.messages_queued),
+            "messages_out": g(&self.messages_out),
+            "bytes_out": g(&self.bytes_out),
+            "conflated": g(&self.conflated),
+            "disconnected_slow": g(&self.disconnected_slow),
+            "disconnected_abuse": g(&self.disconnected_abuse),
+            "disconnected_pong_timeout": g(&self.disconnected_pong_timeout),
+            "requests": g(&self.requests),
+            "request_errors": g(&self.request_errors),
+            "rate_limited": g(&self.rate_limited),
+            "resumes": g(&self.resumes),
+            "resumed_frames": g(&self.resumed_frames),
+            "rest_requests": g(&self.rest_requests),
+        })
+    }
+}
+
+fn health_code(h: Health) -> u8 {
+    match h {
+        Health::Unknown => 0,
+        Health::Healthy => 1,
+        Health::Degraded => 2,
+        Health::Failed => 3,
+    }
+}
+
+fn health_from_code(c: u8) -> Health {
+    match c {
+        1 => Health::Healthy,
+        2 => Health::Degraded,
+        3 => Health::Failed,
+        _ => Health::Unknown,
+    }
+}
+
+/// What the hub knows, for the REST endpoints and the health stream.
+#[derive(Debug, Default)]
+pub struct HubState {
+    pub symbols: Mutex<BTreeSet<Symbol>>,
+    health: AtomicU8,
+    feed: AtomicU8,
+    /// Last seq seen on the bus + 1 (0: none yet).
+    next_seq: AtomicU64,
+    pub stats: GatewayStats,
+}
+
+impl HubState {
+    pub fn health(&self) -> Health {
+        health_from_code(self.health.load(Ordering::Relaxed))
+    }
+    pub fn feed(&self) -> FeedState {
+        FeedState::from_u8(self.feed.load(Ordering::Relaxed)).unwrap_or(FeedState::Unknown)
+    }
+    pub fn last_seq(&self) -> Option<u64> {
+        self.next_seq.load(Ordering::Relaxed).checked_sub(1)
+    }
+
+    /// The health event (`{"e":"health",…}`) in `shape`.
+    pub fn health_message(&self, shape: Shape) -> Utf8Bytes {
+        let e = shape.unit.from_ns(mdbus_publisher::broker::now_ns());
+        let last = self.last_seq().map_or("null".to_string(), |s| s.to_string());
+        let ev = format!(
+            "{{\"e\":\"health\",\"E\":{e},\"status\":\"{}\",\"feed\":\"{}\",\"lastSeq\":{last}}}",
+            self.health().as_str(),
+            self.feed().as_str()
+        );
+        if shape.combined {
+            Utf8Bytes::from(format!("{{\"stream\":\"{HEALTH_STREAM}\",\"data\":{ev}}}"))
+        } else {
+            Utf8Bytes::from(ev)
+        }
+    }
+}
+
+/// Hub settings.
+#[derive(Debug, Clone)]
+pub struct HubOptions {
+    /// How long the reader sleeps on the bus's wake-up event before re-checking commands.
+    pub wait: Duration,
+    /// Health events go out on every change and at least this often.
+    pub health_every: Duration,
+    /// Pin the hub thread to this core.
+    pub core: Option<usize>,
+}
+
+impl Default for HubOptions {
+    fn default() -> Self {
+        HubOptions { wait: Duration::from_millis(5), health_every: Duration::from_secs(1), core: None }
+    }
+}
+
+struct Fanout {
+    subs: HashMap<DataKey, Vec<Arc<Client>>>,
+    health_subs: Vec<Arc<Client>>,
+    msgs: FrameMessages,
+    known: std::collections::HashSet<Symbol>,
+    state: Arc<HubState>,
+}
+
+impl Fanout {
+    fn add(&mut self, client: &Arc<Client>, streams: &[StreamName]) {
+        for s in streams {
+            let list = match s {
+                StreamName::Data(k) => self.subs.entry(*k).or_default(),
+                StreamName::Health => {
+                    client.outbox.push_control(self.state.health_message(client.shape()));
+                    &mut self.health_subs
+                }
+            };
+            if !list.iter().any(|c| c.id == client.id) {
+                list.push(Arc::clone(client));
+            }
+        }
+    }
+
+    fn remove(&mut self, client_id: u64, streams: &[StreamName]) {
+        for s in streams {
+            match s {
+                StreamName::Data(k) => {
+                    if let Some(list) = self.subs.get_mut(k) {
+                        list.retain(|c| c.id != client_id);
+                        if list.is_empty() {
+                            self.subs.remove(k);
+                        }
+                    }
+                }
+                StreamName::Health => self.health_subs.retain(|c| c.id != client_id),
+            }
+        }
+    }
+
+    fn dispatch(&mut self, frame: &FrameRef<'_>) {
+        let stats = &self.state.stats;
+        stats.frames_in.fetch_add(1, Ordering::Relaxed);
+        let kind = frame.kind();
+        let (Some(raw), true) = (frame.peek_symbol(), kind != FrameKind::Heartbeat) else { return };
+        let Ok(raw) = <&[u8; mdbus_schema::symbol::SYMBOL_MAX_LEN]>::try_from(raw) else { return };
+        let Ok(symbol) = Symbol::from_wire(raw) else {
+            stats.decode_errors.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        if !self.known.contains(&symbol) {
+            self.known.insert(symbol);
+            if let Ok(mut s) = self.state.symbols.lock() {
+                s.insert(symbol);
+            }
+        }
+        let (topic, update) = match kind {
+            FrameKind::Trade => (Topic::Trade, false),
+            _ => {
+                let Some(iv) = frame.peek_interval().and_then(Interval::from_u8) else {
+                    stats.decode_errors.fetch_add(1, Ordering::Relaxed);
+                    return;
+                };
+                (Topic::Kline(iv), true)
+            }
+        };
+        let key = DataKey { symbol, topic };
+        let Some(clients) = self.subs.get(&key) else { return };
+        let update = update && frame.kline().is_ok_and(|k| !k.closed);
+        self.msgs.reset();
+        let seq = frame.seq();
+        let mut dead = false;
+        for c in clients {
+            if seq < c.min_seq.load(Ordering::Relaxed) {
+                continue;
+            }
+            let Some(msg) = self.msgs.get(frame, &key, c.shape()) else {
+                stats.decode_errors.fetch_add(1, Ordering::Relaxed);
+                return;
+            };
+            match c.outbox.push(&key, update, Entry { msg, seq }) {
+                Pushed::Queued => {
+                    stats.messages_queued.fetch_add(1, Ordering::Relaxed);
+                }
+                Pushed::Conflated => {
+                    stats.conflated.fetch_add(1, Ordering::Relaxed);
+                }
+                Pushed::Disconnected => {
+                    stats.disconnected_slow.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(client = c.id, "slow client disconnected (queue full)");
+                    dead = true;
+                }
+                Pushed::Closed => dead = true,
+            }
+        }
+        if dead {
+            if let Some(list) = self.subs.get_mut(&key) {
+                list.retain(|c| !c.outbox.is_closed());
+            }
+        }
+    }
+
+    fn broadcast_health(&mut self) {
+        self.health_subs.retain(|c| !c.outbox.is_closed());
+        for c in &self.health_subs {
+            c.outbox.push_control(self.state.health_message(c.shape()));
+        }
+    }
+}
+
+struct PendingJoin {
+    client: Arc<Client>,
+    streams: Vec<StreamName>,
+    from_seq: u64,
+    reply: oneshot::Sender<Option<u64>>,
+    since: Instant,
+}
+
+/// Runs the hub until `stop`. `reader` is the gateway's subscription to the real-time stream.
+pub fn run(
+    mut reader: Reader,
+    commands: mpsc::Receiver<Command>,
+    state: Arc<HubState>,
+    options: HubOptions,
+    stop: Arc<AtomicBool>,
+) {
+    if let Some(core) = options.core {
+        if !mdbus_publisher::affinity::pin_current_thread(core) {
+            tracing::warn!(core, "cannot pin the gateway hub; running unpinned");
+        }
+    }
+    let mut fan = Fanout {
+        subs: HashMap::new(),
+        health_subs: Vec::new(),
+        msgs: FrameMessages::default(),
+        known: Default::default(),
+        state: Arc::clone(&state),
+    };
+    let mut joins: Vec<PendingJoin> = Vec::new();
+    let mut last_health = (Health::Unknown, FeedState::Unknown);
+    let mut last_broadcast = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        while let Ok(cmd) = commands.try_recv() {
+            match cmd {
+                Command::Subscribe { client, streams } => fan.add(&client, &streams),
+                Command::Unsubscribe { client_id, streams } | Command::Remove { client_id, streams } => {
+                    fan.remove(client_id, &streams)
+                }
+                Command::Join { client, streams, from_seq, reply } => {
+                    joins.push(PendingJoin { client, streams, from_seq, reply, since: Instant::now() })
+                }
+            }
+        }
+        // A join takes effect at a seq boundary: everything after the last frame dispatched goes
+        // to its outbox, the log supplies the rest. Until the hub has seen the stream's position
+        // (its first frame or heartbeat) it waits a little, then joins at "the log's end".
+        let position = reader.next_seq().and_then(|n| n.checked_sub(1));
+        let known = reader.next_seq().is_some();
+        let mut i = 0;
+        while i < joins.len() {
+            if known || joins[i].since.elapsed() > Duration::from_secs(1) {
+                let PendingJoin { client, streams, from_seq, reply, .. } = joins.swap_remove(i);
+                client.min_seq.store(from_seq.max(position.map_or(0, |p| p + 1)), Ordering::Relaxed);
+                fan.add(&client, &streams);
+                let _ = reply.send(position);
+            } else {
+                i += 1;
+            }
+        }
+        if let Err(e) = reader.next_batch(WaitMode::Block(options.wait), |f| fan.dispatch(f)) {
+            tracing::error!(error = %e, "reading the bus failed");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if let Some(n) = reader.next_seq() {
+            state.next_seq.store(n, Ordering::Relaxed);
+        }
+        let now = (reader.health(), reader.feed_state());
+        if now != last_health {
+            tracing::info!(health = now.0.as_str(), feed = now.1.as_str(), "publisher health changed");
+        }
+        state.health.store(health_code(now.0), Ordering::Relaxed);
+        state.feed.store(now.1 as u8, Ordering::Relaxed);
+        if now != last_health || last_broadcast.elapsed() >= options.health_every {
+            last_health = now;
+            last_broadcast = Instant::now();
+            fan.broadcast_health();
+        }
+    }
+    for j in joins {
+        let _ = j.reply.send(None);
+    }
+}
