@@ -18,6 +18,7 @@ fn feed_of(symbols: usize) -> SyntheticFeed {
         rate: 50_000.0,
         start_us: 1_700_000_000_000_000,
         max_trades: None,
+        steady: false,
     };
     SyntheticFeed::new(&cfg).expect("valid symbols")
 }

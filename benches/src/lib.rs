@@ -7,11 +7,13 @@
 //!
 //! - `latency`: one-way publish → receive of one K-line frame at a fixed rate, p50/p99/p99.9/max,
 //!   for mdbus vs raw iceoryx2 (same payload size) vs a Unix-domain socket.
+//! - `gateway`: WebSocket clients against `mdbus gateway` (see [`gatewaybench`]).
 //! - `throughput`: K-line frames/s from one publisher to one subscriber under full load, every seq
 //!   checked, lossless; mdbus batches frames per sample, raw iceoryx2 sends one per sample.
 
 #![forbid(unsafe_code)]
 
+pub mod gatewaybench;
 pub mod peer;
 pub mod walbench;
 
@@ -36,6 +38,8 @@ pub struct BenchOptions {
     pub rate: f64,
     /// Messages per measurement (default depends on scenario and `quick`).
     pub count: Option<u64>,
+    /// Gateway: WebSocket clients.
+    pub clients: usize,
 }
 
 /// One measured line of a scenario.
@@ -72,7 +76,7 @@ pub struct ScenarioReport {
 /// A benchmark could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum BenchRunError {
-    #[error("unknown scenario {0:?} (known: latency, throughput, wal)")]
+    #[error("unknown scenario {0:?} (known: latency, throughput, wal, gateway)")]
     UnknownScenario(String),
     #[error("starting {what}: {source}")]
     Spawn { what: String, source: std::io::Error },
@@ -242,6 +246,7 @@ pub fn run_scenario(scenario: &str, o: &BenchOptions) -> Result<ScenarioReport, 
             let _ = std::fs::remove_dir_all(&tmp);
             rows = r?;
         }
+        "gateway" => rows = gatewaybench::run(o, o.clients)?,
         other => return Err(BenchRunError::UnknownScenario(other.into())),
     }
     Ok(ScenarioReport {
@@ -278,6 +283,26 @@ pub fn render_table(r: &ScenarioReport) -> String {
                 x.ratio_vs_baseline
             ));
         }
+    } else if r.scenario == "gateway" {
+        s.push_str(&format!(
+            "{:<58} {:>10} {:>11} {:>8} {:>8} {:>9} {:>9} {:>9} {:>8}\n",
+            "case", "messages", "msgs/s", "p50 µs", "p99 µs", "p99.9 µs", "conflated", "dropped", "p99 ratio"
+        ));
+        for x in &r.rows {
+            s.push_str(&format!(
+                "{:<58} {:>10} {:>11.0} {:>8.0} {:>8.0} {:>9.0} {:>9} {:>9} {:>8.2}x\n",
+                x.name,
+                x.messages,
+                x.per_second,
+                x.p50_ns as f64 / 1e3,
+                x.p99_ns as f64 / 1e3,
+                x.p999_ns as f64 / 1e3,
+                x.out_of_order,
+                x.lost,
+                x.ratio_vs_baseline
+            ));
+        }
+        s.push_str("(conflated: K-line updates replaced by newer ones for lagging clients; dropped: clients disconnected)\n");
     } else if r.scenario == "wal" {
         s.push_str(&format!(
             "{:<50} {:>10} {:>13} {:>9} {:>9} {:>9} {:>8}\n",

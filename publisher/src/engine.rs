@@ -457,6 +457,7 @@ mod tests {
             rate: 500.0,
             start_us: 1_709_251_140_000_000,
             max_trades: Some(60_000),
+            steady: false,
         };
         let mut feed = SyntheticFeed::new(&cfg).unwrap();
         let specs = feed.specs();

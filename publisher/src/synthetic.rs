@@ -50,6 +50,8 @@ pub struct SyntheticConfig {
     pub start_us: i64,
     /// Stop after this many trades (`None`: endless).
     pub max_trades: Option<u64>,
+    /// A constant average rate: no bursts, no quiet periods (benchmarks compare like with like).
+    pub steady: bool,
 }
 
 /// `--symbols N`: the first N of a realistic list, then `SYM<i>USDT`.
@@ -110,6 +112,7 @@ pub struct SyntheticFeed {
     regime_until_us: i64,
     produced: u64,
     max: Option<u64>,
+    steady: bool,
 }
 
 impl SyntheticFeed {
@@ -130,6 +133,7 @@ impl SyntheticFeed {
             regime_until_us: config.start_us,
             produced: 0,
             max: config.max_trades,
+            steady: config.steady,
         })
     }
 
@@ -191,7 +195,7 @@ impl SyntheticFeed {
         if self.max.is_some_and(|m| self.produced >= m) || self.active.is_empty() {
             return None;
         }
-        if self.now_us >= self.regime_until_us {
+        if self.now_us >= self.regime_until_us && !self.steady {
             self.switch_regime();
         }
         let i = self.active[self.rng.gen_range(0..self.active.len())] as usize;
@@ -250,6 +254,7 @@ mod tests {
             rate: 1000.0,
             start_us: 1_709_251_140_000_000,
             max_trades: Some(5_000),
+        steady: false,
         }
     }
 

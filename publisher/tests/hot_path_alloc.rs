@@ -72,6 +72,7 @@ fn a_million_trades_through_aggregation_and_the_snapshot_path_allocate_nothing_a
         rate: 20_000.0,
         start_us: 1_700_000_000_000_000,
         max_trades: None,
+        steady: false,
     };
     let mut feed = SyntheticFeed::new(&cfg).unwrap();
     let mut agg = Aggregator::new(&feed.specs(), AggregatorConfig { snapshots: true, ..AggregatorConfig::default() });
@@ -126,6 +127,7 @@ fn a_million_trades_through_aggregation_and_framing_allocate_nothing() {
         rate: 50_000.0,
         start_us: 1_700_000_000_000_000,
         max_trades: None,
+        steady: false,
     };
     let mut feed = SyntheticFeed::new(&cfg).unwrap();
     let mut agg = Aggregator::new(&feed.specs(), AggregatorConfig::default());

@@ -145,12 +145,15 @@ fn demo_shows_data_and_stops_cleanly() {
     let bus = unique_bus("demo");
     let out = Command::new(EXE)
         .env("MDBUS_DATA_DIR", data_root())
-        .args(["demo", "--bus", &bus, "--duration", "3"])
+        .args(["demo", "--bus", &bus, "--duration", "3", "--gateway-listen", "127.0.0.1:0"])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains(&format!("mdbus tail --bus {bus}")), "{stdout}");
+    assert!(stdout.contains("gateway     ws://127.0.0.1:"), "{stdout}");
+    assert!(stdout.contains("python3 -m websockets 'ws://127.0.0.1:"), "a client command to paste: {stdout}");
+    assert!(stdout.contains("demo: gateway (pid"), "the gateway is stopped too: {stdout}");
     let summaries: Vec<&str> = stdout.lines().filter(|l| l.starts_with("seq ")).collect();
     assert!(!summaries.is_empty(), "{stdout}");
     assert!(summaries.iter().any(|l| l.contains("BTCUSDT 1m close")), "{stdout}");
@@ -162,7 +165,7 @@ fn demo_shows_data_and_stops_cleanly() {
 #[test]
 fn demo_stops_every_process_and_its_shared_memory_on_ctrl_c() {
     let bus = unique_bus("demoint");
-    let mut demo = Proc::spawn("demo", &["demo", "--bus", &bus]);
+    let mut demo = Proc::spawn("demo", &["demo", "--bus", &bus, "--gateway-listen", "127.0.0.1:0"]);
     let rx = demo.lines();
     // Wait until it shows data, then interrupt it as a terminal would.
     let start = std::time::Instant::now();

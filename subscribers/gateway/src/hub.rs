@@ -192,6 +192,8 @@ struct Fanout {
     subs: HashMap<DataKey, Vec<Arc<Client>>>,
     health_subs: Vec<Arc<Client>>,
     msgs: FrameMessages,
+    /// Clients whose outbox went from empty to not empty in this batch: woken after it.
+    wake: Vec<Arc<Client>>,
     known: std::collections::HashSet<Symbol>,
     state: Arc<HubState>,
 }
@@ -269,8 +271,11 @@ impl Fanout {
                 return;
             };
             match c.outbox.push(&key, update, Entry { msg, seq }) {
-                Pushed::Queued => {
+                Pushed::Queued { first } => {
                     stats.messages_queued.fetch_add(1, Ordering::Relaxed);
+                    if first {
+                        self.wake.push(Arc::clone(c));
+                    }
                 }
                 Pushed::Conflated => {
                     stats.conflated.fetch_add(1, Ordering::Relaxed);
@@ -323,6 +328,7 @@ pub fn run(
         subs: HashMap::new(),
         health_subs: Vec::new(),
         msgs: FrameMessages::default(),
+        wake: Vec::new(),
         known: Default::default(),
         state: Arc::clone(&state),
     };
@@ -357,7 +363,12 @@ pub fn run(
                 i += 1;
             }
         }
-        if let Err(e) = reader.next_batch(WaitMode::Block(options.wait), |f| fan.dispatch(f)) {
+        let read = reader.next_batch(WaitMode::Block(options.wait), |f| fan.dispatch(f));
+        // One wake-up per client per batch: its socket task then writes the batch at once.
+        for c in fan.wake.drain(..) {
+            c.outbox.wake();
+        }
+        if let Err(e) = read {
             tracing::error!(error = %e, "reading the bus failed");
             std::thread::sleep(Duration::from_millis(100));
         }

@@ -47,7 +47,9 @@ pub struct Entry {
 /// What became of a pushed message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pushed {
-    Queued,
+    /// Queued; `first`: the queue was empty, so the socket task needs a [`Outbox::wake`] (the
+    /// caller wakes it once it has pushed everything it has, so that one write carries them all).
+    Queued { first: bool },
     /// Replaced an older queued update of the same K-line.
     Conflated,
     /// The client was disconnected for falling behind (this push made it so).
@@ -148,14 +150,16 @@ impl Outbox {
             g.pending.remove(key);
         }
         g.q.push_back(entry);
-        let wake = len == 0 && !g.held;
+        let first = len == 0 && !g.held;
         drop(g);
         self.stats.queued.fetch_add(1, Ordering::Relaxed);
         self.stats.high_water.fetch_max(len as u64 + 1, Ordering::Relaxed);
-        if wake {
-            self.ready.notify_one();
-        }
-        Pushed::Queued
+        Pushed::Queued { first }
+    }
+
+    /// Wakes the socket task to take what is queued.
+    pub fn wake(&self) {
+        self.ready.notify_one();
     }
 
     /// Queues a message that is never conflated nor refused for space (replies, health events,
@@ -261,10 +265,10 @@ mod tests {
     fn a_client_keeping_up_gets_every_message() {
         let o = Outbox::new(4, 8, SlowPolicy::Conflate);
         for s in 1..=4 {
-            assert_eq!(o.push(&key(Interval::M1), true, e(s)), Pushed::Queued);
+            assert_eq!(o.push(&key(Interval::M1), true, e(s)), Pushed::Queued { first: s == 1 });
         }
         assert_eq!(seqs(&o), vec![1, 2, 3, 4]);
-        assert_eq!(o.push(&key(Interval::M1), true, e(5)), Pushed::Queued);
+        assert_eq!(o.push(&key(Interval::M1), true, e(5)), Pushed::Queued { first: true });
         assert_eq!(seqs(&o), vec![5]);
     }
 
@@ -279,9 +283,9 @@ mod tests {
         assert_eq!(o.push(&m1, true, e(3)), Pushed::Conflated);
         assert_eq!(o.push(&m5, true, e(4)), Pushed::Conflated);
         // A close is queued past capacity (slack), and ends m1's open K-line.
-        assert_eq!(o.push(&m1, false, e(5)), Pushed::Queued);
+        assert_eq!(o.push(&m1, false, e(5)), Pushed::Queued { first: false });
         // m1's next update has nothing to replace: queued in the slack.
-        assert_eq!(o.push(&m1, true, e(6)), Pushed::Queued);
+        assert_eq!(o.push(&m1, true, e(6)), Pushed::Queued { first: false });
         assert_eq!(o.push(&m1, true, e(7)), Pushed::Conflated);
         // Out of slack: a close cannot be dropped, so the client goes.
         assert_eq!(o.push(&m5, false, e(8)), Pushed::Disconnected);

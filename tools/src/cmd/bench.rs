@@ -12,7 +12,7 @@ use crate::Cli;
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// `latency`, `throughput`, `wal` (or `all`).
+    /// `latency`, `throughput`, `wal`, `gateway` (or `all`).
     pub scenario: String,
     /// A short run (under a minute for all scenarios).
     #[arg(long)]
@@ -29,6 +29,9 @@ pub struct BenchArgs {
     /// Messages per measurement.
     #[arg(long)]
     pub count: Option<u64>,
+    /// Gateway scenario: WebSocket clients.
+    #[arg(long, default_value_t = 1000)]
+    pub clients: usize,
 }
 
 #[derive(Debug, Args)]
@@ -43,9 +46,9 @@ pub struct PeerArgs {
 
 pub fn run(_cli: &Cli, a: &BenchArgs) -> Result<ExitCode> {
     let exe = std::env::current_exe().context("locating the mdbus executable")?;
-    let opts = BenchOptions { exe, quick: a.quick, pin: !a.no_pin, rate: a.rate, count: a.count };
+    let opts = BenchOptions { exe, quick: a.quick, pin: !a.no_pin, rate: a.rate, count: a.count, clients: a.clients };
     let scenarios: Vec<&str> = match a.scenario.as_str() {
-        "all" => vec!["latency", "throughput", "wal"],
+        "all" => vec!["latency", "throughput", "wal", "gateway"],
         s => vec![s],
     };
     for s in scenarios {

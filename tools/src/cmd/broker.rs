@@ -40,6 +40,9 @@ pub struct BrokerArgs {
     /// Stop the feed after this many trades (the broker keeps heartbeating, feed = ended).
     #[arg(long)]
     pub max_trades: Option<u64>,
+    /// Synthetic feed at a constant average rate (no bursts or quiet periods), for benchmarks.
+    #[arg(long)]
+    pub steady: bool,
     /// Write every ingested trade to DIR/<SYMBOL>-trades.csv (Binance dataset format).
     #[arg(long, value_name = "DIR")]
     pub record: Option<PathBuf>,
@@ -168,6 +171,7 @@ pub fn broker_config(cli: &Cli, a: &BrokerArgs) -> Result<BrokerConfig> {
             rate: b.rate,
             start_us,
             max_trades: a.max_trades,
+            steady: a.steady,
         },
         clock: if b.clock == "event" { ClockMode::Event } else { ClockMode::Wall },
         speed: b.speed,

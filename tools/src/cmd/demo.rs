@@ -1,9 +1,10 @@
 //! `mdbus demo`: the main job on embedded defaults, no network.
 //!
-//! Starts `mdbus broker` (synthetic feed) as a child process on bus `demo`, subscribes to its
-//! real-time stream and prints a one-line summary per second: frames/s, last seq, gaps, publisher
-//! health and the live 1m K-line of the first symbol. Ctrl-C (or SIGTERM) stops the child, waits
-//! for it, and checks that the bus left no shared memory behind.
+//! Starts `mdbus broker` (synthetic feed) and `mdbus gateway` (WebSocket, Binance protocol) as
+//! child processes on bus `demo`, prints the endpoints and a ready-to-paste client command,
+//! subscribes to the real-time stream and prints a one-line summary per second: frames/s, last
+//! seq, gaps, publisher health and the live 1m K-line of the first symbol. Ctrl-C (or SIGTERM)
+//! stops the children, waits for them, and checks that the bus left no shared memory behind.
 
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::atomic::Ordering;
@@ -28,6 +29,45 @@ pub struct DemoArgs {
     /// Average trades per second.
     #[arg(long, default_value_t = 200.0)]
     pub rate: f64,
+    /// The gateway's address (port 0: any free port) [default: gateway.listen; a free port if
+    /// that one is taken].
+    #[arg(long, value_name = "ADDR")]
+    pub gateway_listen: Option<std::net::SocketAddr>,
+}
+
+/// Starts `mdbus gateway` on `listen`; returns it and the address it serves once it is ready.
+fn spawn_gateway(cli: &Cli, listen: &str) -> Result<(Child, String)> {
+    let exe = std::env::current_exe().context("locating the mdbus executable")?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("gateway").arg("--bus").arg(cli.bus()).arg("--listen").arg(listen);
+    if let Some(c) = &cli.config {
+        cmd.arg("--config").arg(c);
+    }
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped());
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let mut child = cmd.spawn().context("starting the gateway process")?;
+    let out = child.stdout.take().context("gateway stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut lines = std::io::BufReader::new(out).lines();
+        let _ = tx.send(lines.next());
+        // Keep reading so that the gateway never blocks on a full pipe.
+        for _ in lines {}
+    });
+    match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(Some(Ok(line))) => match line.split("ws://").nth(1).and_then(|r| r.split_whitespace().next()) {
+            Some(addr) => Ok((child, addr.to_owned())),
+            None => {
+                stop_child(&mut child, "gateway");
+                anyhow::bail!("the gateway printed {line:?} instead of its address")
+            }
+        },
+        _ => {
+            stop_child(&mut child, "gateway");
+            anyhow::bail!("the gateway did not start on {listen} (see its error above)")
+        }
+    }
 }
 
 fn spawn_broker(cli: &Cli, a: &DemoArgs) -> Result<Child> {
@@ -86,17 +126,39 @@ pub fn run(cli: &Cli, a: &DemoArgs) -> Result<ExitCode> {
     let cfg = Config::load(cli.config.as_deref())?;
     let stop = crate::signals::stop_flag()?;
     let mut broker = spawn_broker(cli, a)?;
+    let gateway = match a.gateway_listen {
+        Some(l) => spawn_gateway(cli, &l.to_string()),
+        None => spawn_gateway(cli, &cfg.gateway.listen).or_else(|e| {
+            eprintln!("demo: {e:#}; using a free port instead");
+            spawn_gateway(cli, "127.0.0.1:0")
+        }),
+    };
+    let (mut gateway, ws_addr) = match gateway {
+        Ok(g) => g,
+        Err(e) => {
+            stop_child(&mut broker, "broker");
+            return Err(e);
+        }
+    };
     let service = mdbus_schema::service::stream_service(&bus, "realtime");
     println!("mdbus demo on bus {:?}", bus);
     println!("  broker      pid {}  synthetic feed, {} symbols, ~{} trades/s", broker.id(), a.symbols, a.rate);
     println!("  stream      {service}  (trades, K-line updates and closes for 16 intervals, heartbeats)");
     // The path of this very binary, so the hint works before `mdbus` is on the PATH.
     let exe = std::env::current_exe().map_or_else(|_| "mdbus".to_owned(), |p| p.display().to_string());
+    println!(
+        "  gateway     ws://{ws_addr}  pid {}  (Binance market streams: /ws/<stream>, /stream?streams=a/b)",
+        gateway.id()
+    );
     println!("  look at it  {exe} tail --bus {bus} --symbol BTCUSDT --interval 1m");
     println!("              {exe} tail --bus {bus} --kind trade --count 10");
+    println!("  websocket   python3 -m websockets 'ws://{ws_addr}/stream?streams=btcusdt@kline_1m/btcusdt@trade'");
+    println!("              (pip install websockets; any Binance client pointed at ws://{ws_addr} works too)");
+    println!("  rest        curl -s http://{ws_addr}/api/v3/exchangeInfo");
     println!("  stop        Ctrl-C");
 
     let result = summarize(cli, &cfg, a, &stop);
+    stop_child(&mut gateway, "gateway");
     stop_child(&mut broker, "broker");
     // Give iceoryx2 a moment to observe the dead ports, then check for leftovers.
     let leftovers = leftover_shm(&bus);

@@ -86,8 +86,22 @@ pub fn config(cli: &Cli, a: &GatewayArgs) -> Result<GatewayConfig> {
     Ok(c)
 }
 
+/// Raises the open-file limit to its hard maximum: each client is a socket.
+fn raise_fd_limit(want: usize) {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let lim = getrlimit(Resource::Nofile);
+    if lim.current.is_some_and(|c| c < lim.maximum.unwrap_or(u64::MAX)) {
+        let _ = setrlimit(Resource::Nofile, Rlimit { current: lim.maximum, maximum: lim.maximum });
+    }
+    let now = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
+    if now < want as u64 + 64 {
+        tracing::warn!(open_files = now, max_connections = want, "the open-file limit is below max_connections");
+    }
+}
+
 pub fn run(cli: &Cli, a: &GatewayArgs) -> Result<ExitCode> {
     let c = config(cli, a)?;
+    raise_fd_limit(c.max_connections);
     let stop = crate::signals::stop_flag()?;
     let bus = c.bus.clone();
     let state = mdbus_gateway::run(c, stop, |addr| {
