@@ -302,7 +302,9 @@ pub fn render_table(r: &ScenarioReport) -> String {
                 x.ratio_vs_baseline
             ));
         }
-        s.push_str("(conflated: K-line updates replaced by newer ones for lagging clients; dropped: clients disconnected)\n");
+        s.push_str(
+            "(conflated: K-line updates replaced by newer ones for lagging clients; dropped: clients disconnected)\n",
+        );
     } else if r.scenario == "wal" {
         s.push_str(&format!(
             "{:<50} {:>10} {:>13} {:>9} {:>9} {:>9} {:>8}\n",

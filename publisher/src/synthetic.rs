@@ -254,7 +254,7 @@ mod tests {
             rate: 1000.0,
             start_us: 1_709_251_140_000_000,
             max_trades: Some(5_000),
-        steady: false,
+            steady: false,
         }
     }
 

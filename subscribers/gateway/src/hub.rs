@@ -156,7 +156,7 @@ impl HubState {
 
     /// The health event (`{"e":"health",…}`) in `shape`.
     pub fn health_message(&self, shape: Shape) -> Utf8Bytes {
-        let e = shape.unit.from_ns(mdbus_publisher::broker::now_ns());
+        let e = shape.unit.from_ns(crate::now_ns());
         let last = self.last_seq().map_or("null".to_string(), |s| s.to_string());
         let ev = format!(
             "{{\"e\":\"health\",\"E\":{e},\"status\":\"{}\",\"feed\":\"{}\",\"lastSeq\":{last}}}",
@@ -320,7 +320,12 @@ pub fn run(
     stop: Arc<AtomicBool>,
 ) {
     if let Some(core) = options.core {
-        if !mdbus_publisher::affinity::pin_current_thread(core) {
+        let pinned = core_affinity::get_core_ids()
+            .unwrap_or_default()
+            .into_iter()
+            .find(|c| c.id == core)
+            .is_some_and(core_affinity::set_for_current);
+        if !pinned {
             tracing::warn!(core, "cannot pin the gateway hub; running unpinned");
         }
     }

@@ -29,6 +29,11 @@ use mdbus_subscribers::{Reader, ReaderOptions};
 pub use hub::{GatewayStats, HubOptions, HubState};
 pub use outbox::SlowPolicy;
 
+/// Wall-clock time, ns since the epoch (the broker stamps frames with the same clock).
+pub fn now_ns() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)
+}
+
 /// Everything the gateway is configured with.
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {

@@ -98,7 +98,7 @@ impl RequestId {
         match v {
             None | Some(Value::Null) => Ok(RequestId::Null),
             Some(Value::Number(n)) => n.as_i64().map(RequestId::Int).ok_or(()),
-            Some(Value::String(s)) if s.len() <= MAX_ID_LEN => Ok(RequestId::Str(s.clone())),
+            Some(Value::String(s)) if s.chars().count() <= MAX_ID_LEN => Ok(RequestId::Str(s.clone())),
             Some(_) => Err(()),
         }
     }

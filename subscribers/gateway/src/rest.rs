@@ -58,7 +58,7 @@ pub fn exchange_info(ctx: &Ctx, params: &[(String, String)]) -> Response<Full<By
         .collect();
     let body = json!({
         "timezone": "UTC",
-        "serverTime": mdbus_publisher::broker::now_ns() / 1_000_000,
+        "serverTime": crate::now_ns() / 1_000_000,
         "rateLimits": [],
         "exchangeFilters": [],
         "symbols": symbols,

@@ -118,7 +118,7 @@ fn route(req: Request<Incoming>, ctx: Arc<Ctx>, peer: SocketAddr, shutdown: watc
         }
         "/api/v3/time" => {
             stats.rest_requests.fetch_add(1, Ordering::Relaxed);
-            let ms = mdbus_publisher::broker::now_ns() / 1_000_000;
+            let ms = crate::now_ns() / 1_000_000;
             json(StatusCode::OK, format!("{{\"serverTime\":{ms}}}"))
         }
         "/api/v3/exchangeInfo" => {
