@@ -40,6 +40,8 @@ pub struct BenchOptions {
     pub count: Option<u64>,
     /// Gateway: WebSocket clients.
     pub clients: usize,
+    /// Gateway: its tokio worker threads.
+    pub gateway_threads: usize,
 }
 
 /// One measured line of a scenario.

@@ -203,7 +203,10 @@ fn upgrade(
     }
     stats.connections_total.fetch_add(1, Ordering::Relaxed);
     let on_upgrade = hyper::upgrade::on(&mut req);
+    // Clients send little: a small read buffer (tungstenite zeroes the free part of it on every
+    // read attempt, which at the 128 KiB default dominated the profile).
     let ws_config = WebSocketConfig::default()
+        .read_buffer_size(4096)
         .max_message_size(Some(ctx.cfg.max_message_bytes))
         .max_frame_size(Some(ctx.cfg.max_message_bytes));
     tokio::spawn(async move {

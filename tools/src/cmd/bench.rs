@@ -32,6 +32,9 @@ pub struct BenchArgs {
     /// Gateway scenario: WebSocket clients.
     #[arg(long, default_value_t = 1000)]
     pub clients: usize,
+    /// Gateway scenario: the gateway's tokio threads.
+    #[arg(long, default_value_t = 1)]
+    pub gateway_threads: usize,
 }
 
 #[derive(Debug, Args)]
@@ -46,7 +49,15 @@ pub struct PeerArgs {
 
 pub fn run(_cli: &Cli, a: &BenchArgs) -> Result<ExitCode> {
     let exe = std::env::current_exe().context("locating the mdbus executable")?;
-    let opts = BenchOptions { exe, quick: a.quick, pin: !a.no_pin, rate: a.rate, count: a.count, clients: a.clients };
+    let opts = BenchOptions {
+        exe,
+        quick: a.quick,
+        pin: !a.no_pin,
+        rate: a.rate,
+        count: a.count,
+        clients: a.clients,
+        gateway_threads: a.gateway_threads,
+    };
     let scenarios: Vec<&str> = match a.scenario.as_str() {
         "all" => vec!["latency", "throughput", "wal", "gateway"],
         s => vec![s],
