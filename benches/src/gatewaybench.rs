@@ -436,7 +436,7 @@ fn run_in(o: &BenchOptions, clients: usize, bus: &str, data: &Path) -> Result<Ve
         }
         let (Some(alone), Some(beside)) = (alone, beside) else { return Err(err("gateway", "no rounds")) };
         let mut a = window_row(format!("100 clients, {rate:.0} trades/s (baseline)"), &alone);
-        let mut b = window_row(format!("100 clients + 1 that never reads (1020 streams)"), &beside);
+        let mut b = window_row("100 clients + 1 that never reads (1020 streams)".to_string(), &beside);
         a.ratio_vs_baseline = 1.0;
         b.ratio_vs_baseline = b.p99_ns as f64 / a.p99_ns.max(1) as f64;
         rows.push(a);
