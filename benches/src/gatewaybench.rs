@@ -326,6 +326,28 @@ fn window_row(name: String, w: &Window) -> Row {
     }
 }
 
+/// Connects `clients` clients (client i asks for `client_path(i)`); fails unless all connect.
+async fn connect_all(
+    port: u16,
+    clients: usize,
+    symbols: &[String],
+) -> Result<(Arc<Shared>, Vec<tokio::task::JoinHandle<()>>), BenchRunError> {
+    let shared = Shared::new()?;
+    let tasks: Vec<_> =
+        (0..clients).map(|i| tokio::spawn(client(port, client_path(i, symbols), Arc::clone(&shared)))).collect();
+    let start = Instant::now();
+    while (shared.connected.load(Ordering::Relaxed) + shared.failed.load(Ordering::Relaxed)) < clients as u64 {
+        if start.elapsed() > Duration::from_secs(60) {
+            return Err(err("gateway clients", "not all connected within 60 s"));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if shared.failed.load(Ordering::Relaxed) > 0 {
+        return Err(err("gateway clients", format!("{} failed to connect", shared.failed.load(Ordering::Relaxed))));
+    }
+    Ok((shared, tasks))
+}
+
 /// Runs the gateway scenario with `clients` clients.
 pub fn run(o: &BenchOptions, clients: usize) -> Result<Vec<Row>, BenchRunError> {
     let bus = format!("benchgw{}", std::process::id());
@@ -348,19 +370,7 @@ fn run_in(o: &BenchOptions, clients: usize, bus: &str, data: &Path) -> Result<Ve
     let mut rows = Vec::new();
 
     rt.block_on(async {
-        let shared = Shared::new()?;
-        let tasks: Vec<_> =
-            (0..clients).map(|i| tokio::spawn(client(port, client_path(i, &symbols), Arc::clone(&shared)))).collect();
-        let start = Instant::now();
-        while (shared.connected.load(Ordering::Relaxed) + shared.failed.load(Ordering::Relaxed)) < clients as u64 {
-            if start.elapsed() > Duration::from_secs(60) {
-                return Err(err("gateway clients", "not all connected within 60 s"));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        if shared.failed.load(Ordering::Relaxed) > 0 {
-            return Err(err("gateway clients", format!("{} failed to connect", shared.failed.load(Ordering::Relaxed))));
-        }
+        let (shared, tasks) = connect_all(port, clients, &symbols).await?;
 
         // Sustained throughput: up the ladder until a step is not sustained.
         let mut best: Option<(f64, Window)> = None;
@@ -386,9 +396,18 @@ fn run_in(o: &BenchOptions, clients: usize, bus: &str, data: &Path) -> Result<Ve
             return Err(err("gateway", "not even the first step was sustained"));
         };
 
-        // Latency at half that load.
+        // Latency at half that load, with fresh clients (the last step may have pushed some past
+        // their queue after its window).
+        for t in tasks {
+            t.abort();
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (shared, tasks) = connect_all(port, clients, &symbols).await?;
         let broker = start_broker(&o.exe, bus, data, best_rate / 2.0)?;
         let w = window(&shared, port, warm, secs).await?;
+        if shared.connected.load(Ordering::Relaxed) != clients as u64 {
+            return Err(err("gateway", "clients were disconnected at half load"));
+        }
         rows.push(window_row(format!("{clients} clients, half load ({:.0} trades/s): latency", best_rate / 2.0), &w));
         drop(broker);
         for t in tasks {
@@ -398,12 +417,7 @@ fn run_in(o: &BenchOptions, clients: usize, bus: &str, data: &Path) -> Result<Ve
 
         // A stuck client beside 100 others.
         let rate = 2_000.0;
-        let few = Shared::new()?;
-        let tasks: Vec<_> =
-            (0..100).map(|i| tokio::spawn(client(port, client_path(i, &symbols), Arc::clone(&few)))).collect();
-        while few.connected.load(Ordering::Relaxed) + few.failed.load(Ordering::Relaxed) < 100 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let (few, tasks) = connect_all(port, 100, &symbols).await?;
         let broker = start_broker(&o.exe, bus, data, rate)?;
         // The stuck client asks for 1020 streams (60 symbols × trade and 16 intervals): its socket
         // buffers fill within a second, then its outbox conflates and, in the end, drops it.
