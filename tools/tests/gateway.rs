@@ -566,3 +566,43 @@ fn a_stuck_client_is_conflated_or_disconnected_and_the_others_miss_nothing() {
     let _ = broker.stop(Duration::from_secs(10));
     forget_bus(&bus);
 }
+
+#[test]
+fn the_health_stream_tells_a_quiet_feed_from_a_dead_publisher() {
+    let bus = unique_bus("gwhealth");
+    let broker = broker(&bus, "50", "0");
+    let gw = Gateway::start(&bus, &[]);
+    let mut ws = connect(&gw.url("/stream?streams=mdbus@health"));
+    // Healthy and live while the broker runs (events on change and every second).
+    let mut seen = Vec::new();
+    loop {
+        let v = next_json(&mut ws);
+        assert_eq!(v["stream"], "mdbus@health", "{v}");
+        let d = v["data"].clone();
+        assert_eq!(d["e"], "health");
+        seen.push(d.clone());
+        if d["status"] == "healthy" && d["feed"] == "live" && d["lastSeq"].is_u64() {
+            break;
+        }
+        assert!(seen.len() < 20, "never healthy and live: {seen:?}");
+    }
+    // kill -9: no goodbye, only silence; the heartbeats stop and the status says so.
+    broker.signal(rustix::process::Signal::KILL);
+    let start = Instant::now();
+    loop {
+        let d = next_json(&mut ws)["data"].clone();
+        if d["status"] == "failed" {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "never failed: {d}");
+    }
+    let (st, body) = gw.get("/health");
+    assert_eq!(st, 200);
+    let h: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(h["status"], "failed", "{h}");
+    let (ok, err) = gw.proc.stop(Duration::from_secs(10));
+    assert!(ok, "{err}");
+    assert!(err.contains("publisher health changed"), "{err}");
+    drop(broker);
+    forget_bus(&bus);
+}
