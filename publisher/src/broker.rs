@@ -24,7 +24,8 @@ use mdbus_schema::{FeedState, FrameKind, FrameWriter, Heartbeat, Kline, Seq, Tra
 use crate::aggregator::{AggregatorConfig, AggregatorStats, LatePolicy};
 use crate::engine::{Engine, EngineConfig, EngineStartError, WorkerInput, WorkerOutput};
 use crate::record::{RecordWriteError, Recorder};
-use crate::synthetic::{SymbolNamesError, SyntheticConfig, SyntheticFeed};
+use crate::source::{Feed, Item, SourceConfig, SourceError};
+use crate::synthetic::SyntheticFeed;
 use crate::walthread::{WalSink, WalThreadStartError};
 use mdbus_wal::{RetentionPolicy, Wal, WalOptions};
 
@@ -43,7 +44,7 @@ pub enum ClockMode {
 pub struct BrokerConfig {
     pub bus: String,
     pub stream: StreamSettings,
-    pub feed: SyntheticConfig,
+    pub source: SourceConfig,
     pub clock: ClockMode,
     /// Event-clock replay speed (× real time); 0 = as fast as possible.
     pub speed: f64,
@@ -81,7 +82,7 @@ pub enum BrokerRunError {
     #[error(transparent)]
     Record(#[from] RecordWriteError),
     #[error(transparent)]
-    Symbols(#[from] SymbolNamesError),
+    Source(#[from] SourceError),
     #[error(transparent)]
     Engine(#[from] EngineStartError),
     #[error(transparent)]
@@ -107,6 +108,8 @@ pub struct BrokerReport {
     pub last_seq: Seq,
     pub max_subscribers_seen: usize,
     pub aggregator: AggregatorStats,
+    /// Reconnects a live source reported.
+    pub reconnects: u64,
 }
 
 /// Nanoseconds since the Unix epoch.
@@ -257,7 +260,7 @@ pub fn run(
 ) -> Result<BrokerReport, BrokerRunError> {
     pin(config.core);
     let stop = &*control.stop;
-    let mut feed = SyntheticFeed::new(&config.feed)?;
+    let mut feed = Feed::open(&config.source)?;
     let specs = feed.specs();
     let engine_config = EngineConfig {
         workers: config.workers,
@@ -335,12 +338,16 @@ pub fn run(
 
     let wall_start = Instant::now();
     let event_start_us = feed.peek_time_us();
-    // Live synthetic data starts "now" on the wall clock.
+    // Synthetic or recorded data replayed live starts "now" on the wall clock; a live source's
+    // trades already carry the exchange's clock.
     let wall_offset_us = match config.clock {
-        ClockMode::Wall => now_ns() / 1000 - event_start_us,
-        ClockMode::Event => 0,
+        ClockMode::Wall if !feed.is_live() && event_start_us < i64::MAX - 1 => now_ns() / 1000 - event_start_us,
+        _ => 0,
     };
     let mut feed_state = FeedState::Live;
+    // Symbols whose live feed is down: when all are, heartbeats say the feed is down.
+    let mut down = vec![false; specs.len()];
+    let mut down_count = 0usize;
     let mut feed_ended_told = false;
     let mut event_clock_ms = i64::MIN;
     let mut last_tick_ms = i64::MIN;
@@ -350,8 +357,9 @@ pub fn run(
 
     while !stop.load(Ordering::Relaxed) {
         if control.reload.swap(false, Ordering::Relaxed) {
-            if let Some(source) = symbols_source {
-                reload_symbols(source, &mut feed, &mut engine, &mut out);
+            match (symbols_source, feed.synthetic_mut()) {
+                (Some(source), Some(f)) => reload_symbols(source, f, &mut engine, &mut out),
+                _ => tracing::warn!("reload: this source's symbols cannot change while running"),
             }
         }
         let round_start_ns = now_ns();
@@ -365,10 +373,35 @@ pub fn run(
         };
         let mut n = 0;
         while n < MAX_TRADES_PER_ROUND && feed_state == FeedState::Live && feed.peek_time_us() <= horizon_us {
-            let Some(mut t) = feed.next_trade() else {
-                feed_state = FeedState::Ended;
-                tracing::info!(trades = feed.produced(), "synthetic feed ended");
-                break;
+            let mut t = match feed.next() {
+                Some(Item::Trade(t)) => t,
+                Some(Item::Down(g)) => {
+                    if let Some(d) = down.get_mut(g as usize) {
+                        down_count += usize::from(!*d);
+                        *d = true;
+                    }
+                    engine.send(engine.worker_of(g), WorkerInput::FeedDown(Some(g)), &mut |o| out.take(o));
+                    continue;
+                }
+                Some(Item::Up { symbol, backfilled }) => {
+                    if let Some(d) = down.get_mut(symbol as usize) {
+                        down_count -= usize::from(*d);
+                        *d = false;
+                    }
+                    let input = WorkerInput::FeedUp { symbol: Some(symbol), backfilled };
+                    engine.send(engine.worker_of(symbol), input, &mut |o| out.take(o));
+                    continue;
+                }
+                Some(Item::Reconnected) => {
+                    out.report.reconnects += 1;
+                    continue;
+                }
+                None if feed.is_live() => break,
+                None => {
+                    feed_state = FeedState::Ended;
+                    tracing::info!(trades = feed.produced(), "feed ended");
+                    break;
+                }
             };
             t.time_us += wall_offset_us;
             n += 1;
@@ -413,7 +446,12 @@ pub fn run(
         if out.last_send.elapsed() >= hb_every || last_hb.elapsed() >= Duration::from_secs(1) {
             last_hb = Instant::now();
             hb.last_seq = out.next_seq - 1;
-            hb.feed_state = feed_state as u8;
+            let shown = if feed_state == FeedState::Live && down_count > 0 && down_count == down.len() {
+                FeedState::Down
+            } else {
+                feed_state
+            };
+            hb.feed_state = shown as u8;
             out.heartbeat(&hb)?;
             if let Some(r) = recorder.as_mut() {
                 r.flush()?;
@@ -423,6 +461,7 @@ pub fn run(
         if n == 0 {
             // Idle: sleep until the next trade is due, the next tick or the next heartbeat.
             let until_trade = match (feed_state, config.clock) {
+                _ if feed.is_live() => tick,
                 (FeedState::Live, ClockMode::Wall) => {
                     Duration::from_micros((feed.peek_time_us() + wall_offset_us - now_ns() / 1000).max(0) as u64)
                 }
@@ -432,7 +471,7 @@ pub fn run(
                 _ => tick,
             };
             let until_hb = hb_every.saturating_sub(out.last_send.elapsed());
-            std::thread::sleep(until_trade.min(tick).min(until_hb).max(Duration::from_micros(50)));
+            feed.idle(until_trade.min(tick).min(until_hb).max(Duration::from_micros(50)));
         }
     }
 

@@ -144,6 +144,10 @@ pub struct BrokerSection {
     pub core: Option<usize>,
     pub workers: usize,
     pub cores: Vec<usize>,
+    pub ingress_queue: usize,
+    pub ingress_policy: String,
+    pub trade_stream: String,
+    pub dead_after_s: f64,
 }
 
 impl Default for BrokerSection {
@@ -163,6 +167,10 @@ impl Default for BrokerSection {
             core: None,
             workers: 1,
             cores: Vec::new(),
+            ingress_queue: 65536,
+            ingress_policy: "block".into(),
+            trade_stream: "aggTrade".into(),
+            dead_after_s: 30.0,
         }
     }
 }
@@ -197,8 +205,15 @@ impl Config {
         if !matches!(self.broker.clock.as_str(), "wall" | "event") {
             bail!("broker.clock = {:?}: expected \"wall\" or \"event\"", self.broker.clock);
         }
-        if self.broker.source != "synthetic" {
-            bail!("broker.source = {:?}: only \"synthetic\" is available", self.broker.source);
+        let src = self.broker.source.as_str();
+        if !(src == "synthetic" || src == "binance" || src.starts_with("csv:") || src.starts_with("ws:")) {
+            bail!("broker.source = {src:?}: expected synthetic, binance, csv:PATH or ws:URL");
+        }
+        if let Err(e) = self.broker.ingress_policy.parse::<mdbus_publisher::ingress::IngressPolicy>() {
+            bail!("broker.ingress_policy: {e}");
+        }
+        if self.broker.ingress_queue == 0 {
+            bail!("broker.ingress_queue must be at least 1");
         }
         if !(self.broker.rate > 0.0 && self.broker.rate.is_finite()) {
             bail!("broker.rate = {} must be a positive number", self.broker.rate);

@@ -55,7 +55,7 @@ pub enum Command {
     /// The main job on embedded defaults: a broker on the synthetic feed plus a live summary.
     Demo(cmd::demo::DemoArgs),
     /// Ingest trades, aggregate K-lines, publish them on the bus.
-    Broker(cmd::broker::BrokerArgs),
+    Broker(Box<cmd::broker::BrokerArgs>),
     /// Serve the bus to WebSocket clients, speaking Binance's market-stream protocol.
     Gateway(cmd::gateway::GatewayArgs),
     /// Print frames of a stream as JSON lines.

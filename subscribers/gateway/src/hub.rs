@@ -270,7 +270,7 @@ impl Fanout {
                 stats.decode_errors.fetch_add(1, Ordering::Relaxed);
                 return;
             };
-            match c.outbox.push(&key, update, Entry { msg, seq }) {
+            match c.outbox.push(&key, update, Entry::new(msg, seq)) {
                 Pushed::Queued { first } => {
                     stats.messages_queued.fetch_add(1, Ordering::Relaxed);
                     if first {

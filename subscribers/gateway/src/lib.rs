@@ -106,6 +106,8 @@ pub struct Ctx {
     pub cfg: GatewayConfig,
     pub state: Arc<HubState>,
     hub: Mutex<mpsc::Sender<hub::Command>>,
+    /// Concurrent `fromSeq` log replays.
+    catch_ups: tokio::sync::Semaphore,
 }
 
 impl Ctx {
@@ -156,7 +158,12 @@ pub fn run(
         return Err(GatewayError::Bus(e));
     }
 
-    let ctx = Arc::new(Ctx { cfg: cfg.clone(), state: Arc::clone(&state), hub: Mutex::new(tx) });
+    let ctx = Arc::new(Ctx {
+        cfg: cfg.clone(),
+        state: Arc::clone(&state),
+        hub: Mutex::new(tx),
+        catch_ups: tokio::sync::Semaphore::new(4),
+    });
     let rt = if cfg.threads <= 1 {
         tokio::runtime::Builder::new_current_thread().enable_all().build()?
     } else {

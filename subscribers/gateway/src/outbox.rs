@@ -42,6 +42,16 @@ pub struct Entry {
     pub msg: Utf8Bytes,
     /// Bus seq of the frame (0 for replies and health events).
     pub seq: u64,
+    /// Superseded by a newer update of the same K-line queued after it: not sent.
+    pub dead: bool,
+    /// The stream, and whether this is an open K-line's update (set by [`Outbox::push`]).
+    key: Option<(DataKey, bool)>,
+}
+
+impl Entry {
+    pub fn new(msg: Utf8Bytes, seq: u64) -> Entry {
+        Entry { msg, seq, dead: false, key: None }
+    }
 }
 
 /// What became of a pushed message.
@@ -65,6 +75,8 @@ struct Inner {
     taken: u64,
     /// Absolute index of the newest queued K-line update per stream.
     pending: HashMap<DataKey, u64>,
+    /// Entries marked dead (superseded) still in `q`.
+    dead: usize,
     closed: Option<&'static str>,
     /// While set (WAL catch-up), the socket task does not take live entries.
     held: bool,
@@ -114,19 +126,31 @@ impl Outbox {
     }
 
     /// Queues `msg` for stream `key`; `update` marks an open K-line's update (conflatable).
-    pub fn push(&self, key: &DataKey, update: bool, entry: Entry) -> Pushed {
+    ///
+    /// Conflation marks the older update dead and queues the newer one at the tail, so that a
+    /// client always sees seqs in increasing order (and can resume from the last one it saw).
+    pub fn push(&self, key: &DataKey, update: bool, mut entry: Entry) -> Pushed {
         let mut g = self.lock();
         if g.closed.is_some() {
             return Pushed::Closed;
         }
-        let len = g.q.len();
+        entry.key = Some((*key, update));
+        let len = g.q.len() - g.dead;
         if len >= self.capacity {
             if update && self.policy == SlowPolicy::Conflate {
                 if let Some(&abs) = g.pending.get(key) {
                     if abs >= g.taken {
                         let at = (abs - g.taken) as usize;
                         if let Some(slot) = g.q.get_mut(at) {
-                            *slot = entry;
+                            slot.dead = true;
+                            slot.msg = Utf8Bytes::from_static("");
+                            g.dead += 1;
+                            let abs = g.taken + g.q.len() as u64;
+                            g.q.push_back(entry);
+                            g.pending.insert(*key, abs);
+                            if g.dead > self.capacity {
+                                compact(&mut g);
+                            }
                             drop(g);
                             self.stats.conflated.fetch_add(1, Ordering::Relaxed);
                             return Pushed::Conflated;
@@ -143,7 +167,7 @@ impl Outbox {
             }
         }
         if update {
-            let abs = g.taken + len as u64;
+            let abs = g.taken + g.q.len() as u64;
             g.pending.insert(*key, abs);
         } else {
             // A close ends the open K-line: a later update belongs to the next one.
@@ -151,7 +175,12 @@ impl Outbox {
         }
         g.q.push_back(entry);
         let first = len == 0 && !g.held;
+        // Half full within one hub batch: wake the socket task now rather than after the batch.
+        let now = len + 1 == self.capacity / 2 && !g.held;
         drop(g);
+        if now {
+            self.ready.notify_one();
+        }
         self.stats.queued.fetch_add(1, Ordering::Relaxed);
         self.stats.high_water.fetch_max(len as u64 + 1, Ordering::Relaxed);
         Pushed::Queued { first }
@@ -169,8 +198,16 @@ impl Outbox {
         if g.closed.is_some() {
             return;
         }
+        if g.q.len() - g.dead >= self.capacity + self.slack {
+            // Not even replies and health events are taken: the client is stuck.
+            g.closed = Some("slow consumer: too many messages queued");
+            drop(g);
+            self.ready.notify_one();
+            self.gone.notify_one();
+            return;
+        }
         let wake = g.q.is_empty() && !g.held;
-        g.q.push_back(Entry { msg, seq: 0 });
+        g.q.push_back(Entry::new(msg, 0));
         drop(g);
         if wake {
             self.ready.notify_one();
@@ -189,6 +226,7 @@ impl Outbox {
         }
         std::mem::swap(&mut g.q, into);
         g.taken += into.len() as u64;
+        g.dead = 0;
         Ok(())
     }
 
@@ -242,6 +280,26 @@ impl Outbox {
     }
 }
 
+/// Drops dead entries and re-indexes the queued updates.
+fn compact(g: &mut Inner) {
+    g.q.retain(|e| !e.dead);
+    g.dead = 0;
+    g.pending.clear();
+    let taken = g.taken;
+    let Inner { q, pending, .. } = g;
+    for (i, e) in q.iter().enumerate() {
+        match e.key {
+            Some((k, true)) => {
+                pending.insert(k, taken + i as u64);
+            }
+            Some((k, false)) => {
+                pending.remove(&k);
+            }
+            None => {}
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use mdbus_schema::{Interval, Symbol};
@@ -253,12 +311,13 @@ mod tests {
         DataKey { symbol: Symbol::new("BTCUSDT").unwrap(), topic: Topic::Kline(i) }
     }
     fn e(seq: u64) -> Entry {
-        Entry { msg: Utf8Bytes::from(seq.to_string()), seq }
+        Entry::new(Utf8Bytes::from(seq.to_string()), seq)
     }
+    /// What the socket task would send.
     fn seqs(o: &Outbox) -> Vec<u64> {
         let mut v = VecDeque::new();
         o.take(&mut v).unwrap();
-        v.iter().map(|e| e.seq).collect()
+        v.iter().filter(|e| !e.dead).map(|e| e.seq).collect()
     }
 
     #[test]
@@ -279,7 +338,7 @@ mod tests {
         let m5 = key(Interval::M5);
         o.push(&m1, true, e(1));
         o.push(&m5, true, e(2));
-        // Full: the newer update of each K-line replaces its queued one, in place.
+        // Full: the newer update of each K-line supersedes its queued one.
         assert_eq!(o.push(&m1, true, e(3)), Pushed::Conflated);
         assert_eq!(o.push(&m5, true, e(4)), Pushed::Conflated);
         // A close is queued past capacity (slack), and ends m1's open K-line.
@@ -293,6 +352,22 @@ mod tests {
         assert_eq!(o.stats.conflated.load(Ordering::Relaxed), 3);
         let mut v = VecDeque::new();
         assert!(o.take(&mut v).is_err());
+    }
+
+    #[test]
+    fn conflation_keeps_seqs_in_order_and_memory_bounded() {
+        let o = Outbox::new(2, 2, SlowPolicy::Conflate);
+        let m1 = key(Interval::M1);
+        let trades = DataKey { symbol: Symbol::new("BTCUSDT").unwrap(), topic: Topic::Trade };
+        o.push(&m1, true, e(1));
+        o.push(&trades, false, e(2));
+        assert_eq!(o.push(&m1, true, e(3)), Pushed::Conflated);
+        // Many more updates: the queue never grows past capacity + dead ≤ 2 × capacity.
+        for s in 4..1000 {
+            assert_eq!(o.push(&m1, true, e(s)), Pushed::Conflated);
+            assert!(o.len() <= 2 + 2 + 2, "{}", o.len());
+        }
+        assert_eq!(seqs(&o), vec![2, 999], "the trade, then the latest update, in seq order");
     }
 
     #[test]

@@ -64,6 +64,8 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>, mut shutdown: watch::Re
                 async move { Ok::<_, Infallible>(route(req, ctx, peer, shutdown)) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
                 .max_buf_size(64 * 1024)
                 .serve_connection(TokioIo::new(tcp), svc)
                 .with_upgrades();

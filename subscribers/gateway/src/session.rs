@@ -85,10 +85,28 @@ struct Session {
 
 static NEXT_CLIENT: AtomicU64 = AtomicU64::new(1);
 
+/// The connection's slot in `connections_open`, released however the session ends (a panic in
+/// a task included).
+struct Slot(Arc<Ctx>);
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.state.stats.connections_open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Closes the client's outbox when the session ends, so that the hub drops it even after a
+/// panic (the hub removes clients whose outbox is closed).
+struct Registered(Arc<Client>);
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.0.outbox.close("connection ended");
+    }
+}
+
 /// Serves one upgraded connection until it ends. `slot` was counted in `connections_open` by the
 /// caller and is released here.
 pub async fn run(mut ws: Ws, ctx: Arc<Ctx>, req: ConnRequest, mut shutdown: watch::Receiver<bool>) {
-    let stats = &ctx.state.stats;
+    let _slot = Slot(Arc::clone(&ctx));
     let id = NEXT_CLIENT.fetch_add(1, Ordering::Relaxed);
     let client = Arc::new(Client {
         id,
@@ -97,6 +115,7 @@ pub async fn run(mut ws: Ws, ctx: Arc<Ctx>, req: ConnRequest, mut shutdown: watc
         outbox: Outbox::new(ctx.cfg.queue, ctx.cfg.max_streams + 16, ctx.cfg.slow_policy),
         min_seq: AtomicU64::new(0),
     });
+    let _registered = Registered(Arc::clone(&client));
     tracing::info!(client = id, peer = %req.peer, streams = req.streams.len(), combined = req.combined, "client connected");
     let mut s = Session {
         ctx: Arc::clone(&ctx),
@@ -135,7 +154,6 @@ pub async fn run(mut ws: Ws, ctx: Arc<Ctx>, req: ConnRequest, mut shutdown: watc
         }
         Flow::Continue | Flow::Gone => {}
     }
-    stats.connections_open.fetch_sub(1, Ordering::Relaxed);
     tracing::info!(
         client = id,
         queued = client.outbox.stats.queued.load(Ordering::Relaxed),
@@ -144,10 +162,30 @@ pub async fn run(mut ws: Ws, ctx: Arc<Ctx>, req: ConnRequest, mut shutdown: watc
     );
 }
 
+/// Runs a socket write, unless the outbox closes (the client fell too far behind) or the write
+/// cannot finish within `limit` (a client that stopped reading with its window shut): both end
+/// the connection, so a stuck socket never holds anything.
+async fn guarded<T>(
+    outbox: &Outbox,
+    stats: &crate::hub::GatewayStats,
+    limit: Duration,
+    write: impl std::future::Future<Output = Result<T, ()>>,
+) -> Result<T, Flow> {
+    tokio::select! {
+        r = write => r.map_err(|()| Flow::Gone),
+        _ = outbox.gone() => Err(Flow::Gone),
+        _ = tokio::time::sleep(limit) => {
+            stats.disconnected_slow.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!("client stuck: a write did not finish in time; disconnecting");
+            Err(Flow::Gone)
+        }
+    }
+}
+
 async fn write_batch(ws: &mut Ws, batch: &mut VecDeque<Entry>, skip_to: u64) -> Result<(u64, u64), ()> {
     let (mut n, mut bytes) = (0u64, 0u64);
     for e in batch.drain(..) {
-        if e.seq != 0 && e.seq <= skip_to {
+        if e.dead || (e.seq != 0 && e.seq <= skip_to) {
             continue;
         }
         n += 1;
@@ -191,16 +229,19 @@ impl Session {
             self.client.outbox.release();
             return Ok(());
         };
-        let needs_log = position.is_none_or(|p| from <= p);
+        let keys: HashSet<DataKey> = self
+            .streams
+            .iter()
+            .filter_map(|s| match s {
+                StreamName::Data(k) => Some(*k),
+                StreamName::Health => None,
+            })
+            .collect();
+        let needs_log = !keys.is_empty() && position.is_none_or(|p| from <= p);
         if needs_log {
-            let keys: HashSet<DataKey> = self
-                .streams
-                .iter()
-                .filter_map(|s| match s {
-                    StreamName::Data(k) => Some(*k),
-                    StreamName::Health => None,
-                })
-                .collect();
+            // A few log replays at a time: each reads the log on its own thread.
+            let ctx = Arc::clone(&self.ctx);
+            let _permit = ctx.catch_ups.acquire().await.map_err(|_| Flow::Gone)?;
             let (ctx_tx, mut chunks) = mpsc::channel::<Chunk>(4);
             let client = Arc::clone(&self.client);
             let shape = client.shape();
@@ -218,7 +259,9 @@ impl Session {
                         if let Some(last) = batch.back() {
                             self.caught_up_to = self.caught_up_to.max(last.seq);
                         }
-                        let (sent, bytes) = write_batch(ws, &mut batch, 0).await.map_err(|_| Flow::Gone)?;
+                        let limit = self.ctx.cfg.pong_timeout;
+                        let (sent, bytes) =
+                            guarded(&self.client.outbox, stats, limit, write_batch(ws, &mut batch, 0)).await?;
                         stats.resumed_frames.fetch_add(n, Ordering::Relaxed);
                         stats.messages_out.fetch_add(sent, Ordering::Relaxed);
                         stats.bytes_out.fetch_add(bytes, Ordering::Relaxed);
@@ -227,7 +270,8 @@ impl Session {
                     Chunk::Notice(msg) => {
                         tracing::warn!(client = self.client.id, msg = %msg, "resume");
                         let e = ErrorReply::new(code::INVALID_REQUEST, msg, RequestId::Null);
-                        ws.send(Message::Text(Utf8Bytes::from(e.to_json()))).await.map_err(|_| Flow::Gone)?;
+                        let send = async { ws.send(Message::Text(Utf8Bytes::from(e.to_json()))).await.map_err(|_| ()) };
+                        guarded(&self.client.outbox, stats, self.ctx.cfg.pong_timeout, send).await?;
                     }
                 }
             }
@@ -243,33 +287,12 @@ impl Session {
         let period = self.ctx.cfg.ping_interval;
         let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let limit = self.ctx.cfg.pong_timeout;
         loop {
+            // Reads first: requests, pongs and client pings are served even while data flows.
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => return Flow::Close(CloseCode::Away, "server shutting down".into()),
-                _ = self.client.outbox.ready() => {
-                    if let Err(reason) = self.client.outbox.take(&mut batch) {
-                        return Flow::Close(CloseCode::Policy, reason.into());
-                    }
-                    if batch.is_empty() {
-                        continue;
-                    }
-                    let skip = self.caught_up_to;
-                    tokio::select! {
-                        r = write_batch(ws, &mut batch, skip) => match r {
-                            Ok((n, bytes)) => {
-                                stats.messages_out.fetch_add(n, Ordering::Relaxed);
-                                stats.bytes_out.fetch_add(bytes, Ordering::Relaxed);
-                            }
-                            Err(()) => return Flow::Gone,
-                        },
-                        _ = self.client.outbox.gone() => {
-                            // Stuck writing to a client that stopped reading: drop it.
-                            return Flow::Gone;
-                        }
-                    }
-                    // Entries queued while writing came with a wake-up: the next turn takes them.
-                }
                 msg = ws.next() => match msg {
                     None => return Flow::Gone,
                     Some(Err(e)) => {
@@ -280,6 +303,7 @@ impl Session {
                                 Flow::Close(CloseCode::Size, format!("message too big: {c}"))
                             }
                             E::Protocol(p) => Flow::Close(CloseCode::Protocol, format!("protocol error: {p}")),
+                            E::Utf8(_) => Flow::Close(CloseCode::Invalid, "invalid UTF-8 in a text message".into()),
                             _ => Flow::Gone,
                         };
                     }
@@ -293,9 +317,27 @@ impl Session {
                         stats.disconnected_pong_timeout.fetch_add(1, Ordering::Relaxed);
                         return Flow::Close(CloseCode::Policy, "no pong received in time".into());
                     }
-                    if ws.send(Message::Ping(bytes::Bytes::from_static(b"mdbus"))).await.is_err() {
-                        return Flow::Gone;
+                    let ping = async { ws.send(Message::Ping(bytes::Bytes::from_static(b"mdbus"))).await.map_err(|_| ()) };
+                    if let Err(f) = guarded(&self.client.outbox, stats, limit, ping).await {
+                        return f;
                     }
+                }
+                _ = self.client.outbox.ready() => {
+                    if let Err(reason) = self.client.outbox.take(&mut batch) {
+                        return Flow::Close(CloseCode::Policy, reason.into());
+                    }
+                    if batch.is_empty() {
+                        continue;
+                    }
+                    let skip = self.caught_up_to;
+                    match guarded(&self.client.outbox, stats, limit, write_batch(ws, &mut batch, skip)).await {
+                        Ok((n, bytes)) => {
+                            stats.messages_out.fetch_add(n, Ordering::Relaxed);
+                            stats.bytes_out.fetch_add(bytes, Ordering::Relaxed);
+                        }
+                        Err(f) => return f,
+                    }
+                    // Entries queued while writing came with a wake-up: the next turn takes them.
                 }
             }
         }
@@ -304,15 +346,8 @@ impl Session {
     fn on_message(&mut self, m: Message) -> Flow {
         let stats = &self.ctx.state.stats;
         let text = match m {
-            Message::Text(t) => t,
-            Message::Binary(_) => {
-                self.error(&ErrorReply::new(
-                    code::INVALID_JSON,
-                    "Invalid JSON: binary messages are not supported",
-                    RequestId::Null,
-                ));
-                return Flow::Continue;
-            }
+            Message::Text(t) => Some(t),
+            Message::Binary(_) => None,
             Message::Pong(_) => {
                 self.last_pong = Instant::now();
                 return Flow::Continue;
@@ -324,14 +359,14 @@ impl Session {
         stats.requests.fetch_add(1, Ordering::Relaxed);
         if !self.rate.allow() {
             stats.rate_limited.fetch_add(1, Ordering::Relaxed);
-            if self.rate.violations > self.ctx.cfg.abuse_after {
+            if self.rate.violations >= self.ctx.cfg.abuse_after {
                 stats.disconnected_abuse.fetch_add(1, Ordering::Relaxed);
                 return Flow::Close(
                     CloseCode::Policy,
                     format!("too many messages: the limit is {} per second", self.ctx.cfg.max_msg_rate),
                 );
             }
-            let id = parse_request(&text).map(|r| r.id).unwrap_or_default();
+            let id = text.as_deref().and_then(|t| parse_request(t).ok()).map(|r| r.id).unwrap_or_default();
             self.error(&ErrorReply::new(
                 code::TOO_MANY_REQUESTS,
                 format!("Too many requests: the limit is {} messages per second", self.ctx.cfg.max_msg_rate),
@@ -339,6 +374,14 @@ impl Session {
             ));
             return Flow::Continue;
         }
+        let Some(text) = text else {
+            self.error(&ErrorReply::new(
+                code::INVALID_JSON,
+                "Invalid JSON: binary messages are not supported",
+                RequestId::Null,
+            ));
+            return Flow::Continue;
+        };
         let req = match parse_request(&text) {
             Ok(r) => r,
             Err(e) => {
@@ -421,10 +464,13 @@ fn catch_up(
             return;
         }
     };
-    let first = wal.first_seq();
-    if first.is_some_and(|f| f > from) {
-        let f = first.unwrap_or(from);
-        send(Chunk::Notice(format!("fromSeq {from}: frames before {f} are no longer retained; resuming at {f}")));
+    let mut from = from;
+    if let Some(f) = wal.first_seq().filter(|&f| f > from) {
+        // fromSeq=0 (or 1 on a fresh log) just means "from the beginning".
+        if from > 1 {
+            send(Chunk::Notice(format!("fromSeq {from}: frames before {f} are no longer retained; resuming at {f}")));
+        }
+        from = f;
     }
     if let Err(e) = wal.seek(from) {
         send(Chunk::Notice(format!("fromSeq: cannot seek the write-ahead log: {e}")));
@@ -453,7 +499,7 @@ fn catch_up(
                     continue;
                 }
                 if let Some(msg) = render(&frame, &key, shape) {
-                    batch.push_back(Entry { msg, seq: rec.seq });
+                    batch.push_back(Entry::new(msg, rec.seq));
                 }
                 if batch.len() >= CATCH_UP_CHUNK && !send(Chunk::Entries(std::mem::take(&mut batch))) {
                     return;

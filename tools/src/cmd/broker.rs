@@ -2,22 +2,44 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use mdbus_publisher::aggregator::LatePolicy;
 use mdbus_publisher::broker::{self, BrokerConfig, BrokerControl, ClockMode, SymbolsSource, WalSettings};
+use mdbus_publisher::ingress::{Ingress, IngressPolicy};
+use mdbus_publisher::source::SourceConfig;
 use mdbus_publisher::synthetic::{symbol_names, SyntheticConfig};
 use mdbus_wal::{Durability, RetentionPolicy, WalOptions};
+
+use mdbus_exchange::client::{LiveConfig, TradeStream};
 
 use crate::config::Config;
 use crate::Cli;
 
 #[derive(Debug, Args)]
 pub struct BrokerArgs {
-    /// Trade source: `synthetic` (the deterministic generator).
+    /// Trade source: `synthetic` (the deterministic generator), `csv:PATH` (Binance dataset
+    /// files), `ws:URL` (a Binance-compatible exchange, e.g. `mdbus mock-exchange`) or `binance`.
     #[arg(long, env = "MDBUS_SOURCE")]
     pub source: Option<String>,
+    /// `ws:` source: the REST base URL for backfill [default: the WebSocket URL's host over http].
+    #[arg(long, value_name = "URL")]
+    pub rest: Option<String>,
+    /// Live sources: `aggTrade` or `trade` streams.
+    #[arg(long)]
+    pub trade_stream: Option<String>,
+    /// Live sources: seconds without any message before a connection is declared dead.
+    #[arg(long)]
+    pub dead_after: Option<f64>,
+    /// Live sources: trades queued between the connections and the ingest thread.
+    #[arg(long)]
+    pub ingress_queue: Option<usize>,
+    /// Live sources: `block`, `drop_newest` or `drop_oldest` when that queue is full.
+    #[arg(long)]
+    pub ingress_policy: Option<String>,
     /// Seed of the synthetic feed: same seed, same trades.
     #[arg(long, env = "MDBUS_SEED")]
     pub seed: Option<u64>,
@@ -106,6 +128,22 @@ pub fn broker_config(cli: &Cli, a: &BrokerArgs) -> Result<BrokerConfig> {
     if let Some(v) = &a.source {
         b.source = v.clone();
     }
+    if let Some(v) = a.ingress_queue {
+        b.ingress_queue = v;
+    }
+    if let Some(v) = &a.ingress_policy {
+        b.ingress_policy = v.clone();
+    }
+    if let Some(v) = &a.trade_stream {
+        b.trade_stream = v.clone();
+    }
+    if let Some(v) = a.dead_after {
+        b.dead_after_s = v;
+    }
+    // Recorded data closes K-lines on its own clock unless told otherwise.
+    if b.source.starts_with("csv:") && a.clock.is_none() && a.start.is_none() {
+        b.clock = "event".into();
+    }
     if let Some(v) = a.seed {
         b.seed = v;
     }
@@ -162,17 +200,26 @@ pub fn broker_config(cli: &Cli, a: &BrokerArgs) -> Result<BrokerConfig> {
     }
     cfg.validate()?;
     let b = &cfg.broker;
-    Ok(BrokerConfig {
-        bus: cli.bus(),
-        stream: cfg.stream_settings(),
-        feed: SyntheticConfig {
+    let source = if let Some(path) = b.source.strip_prefix("csv:") {
+        SourceConfig::Csv(PathBuf::from(path))
+    } else if b.source == "synthetic" {
+        SourceConfig::Synthetic(SyntheticConfig {
             seed: b.seed,
             symbols: b.symbols.clone(),
             rate: b.rate,
             start_us,
             max_trades: a.max_trades,
             steady: a.steady,
-        },
+        })
+    } else {
+        // Live: the connections are started by `run`, feeding this queue.
+        let policy: IngressPolicy = b.ingress_policy.parse().map_err(anyhow::Error::msg)?;
+        SourceConfig::Live { ingress: Arc::new(Ingress::new(b.ingress_queue, policy)), symbols: b.symbols.clone() }
+    };
+    Ok(BrokerConfig {
+        bus: cli.bus(),
+        stream: cfg.stream_settings(),
+        source,
         clock: if b.clock == "event" { ClockMode::Event } else { ClockMode::Wall },
         speed: b.speed,
         heartbeat_ms: b.heartbeat_ms,
@@ -198,17 +245,83 @@ pub fn broker_config(cli: &Cli, a: &BrokerArgs) -> Result<BrokerConfig> {
     })
 }
 
+/// The live source's connection settings for `broker.source` (`ws:URL` or `binance`).
+fn live_config(cfg: &Config, a: &BrokerArgs, symbols: Vec<String>) -> Result<LiveConfig> {
+    let b = &cfg.broker;
+    let (ws, rest) = if b.source == "binance" {
+        ("wss://stream.binance.com:9443".to_string(), "https://api.binance.com".to_string())
+    } else {
+        let ws = b.source.trim_start_matches("ws:").to_string();
+        let rest = match &a.rest {
+            Some(r) => r.clone(),
+            None => ws.replacen("wss://", "https://", 1).replacen("ws://", "http://", 1),
+        };
+        (ws, rest)
+    };
+    if ws.starts_with("wss://") || rest.starts_with("https://") {
+        bail!(
+            "{ws}: TLS connections are not built into this mdbus yet; use a ws:// source (for example \
+             `mdbus mock-exchange`) or a local TLS-terminating proxy"
+        );
+    }
+    if !ws.starts_with("ws://") {
+        bail!("broker.source = {:?}: expected ws://HOST:PORT", b.source);
+    }
+    let mut c = LiveConfig::new(&ws, &rest, symbols);
+    c.stream = b.trade_stream.parse::<TradeStream>().map_err(anyhow::Error::msg)?;
+    if !(b.dead_after_s.is_finite() && b.dead_after_s > 0.0) {
+        bail!("--dead-after {}: expected a positive number of seconds", b.dead_after_s);
+    }
+    c.dead_after = Duration::from_secs_f64(b.dead_after_s);
+    Ok(c)
+}
+
 pub fn run(cli: &Cli, a: &BrokerArgs) -> Result<ExitCode> {
     let config = broker_config(cli, a)?;
     let control = BrokerControl { stop: crate::signals::stop_flag()?, reload: crate::signals::reload_flag()? };
-    tracing::info!(bus = %config.bus, symbols = config.feed.symbols.len(), rate = config.feed.rate, clock = ?config.clock, workers = config.workers, "broker starting");
+    tracing::info!(bus = %config.bus, source = %config.source.describe(), clock = ?config.clock, workers = config.workers, "broker starting");
+    let mut live = None;
+    if let SourceConfig::Live { ingress, symbols } = &config.source {
+        let cfg = Config::load(cli.config.as_deref())?;
+        let mut cfg2 = cfg.clone();
+        if let Some(v) = &a.source {
+            cfg2.broker.source = v.clone();
+        }
+        if let Some(v) = &a.trade_stream {
+            cfg2.broker.trade_stream = v.clone();
+        }
+        if let Some(v) = a.dead_after {
+            cfg2.broker.dead_after_s = v;
+        }
+        let lc = live_config(&cfg2, a, symbols.clone())?;
+        tracing::info!(ws = %lc.ws_url, rest = %lc.rest_url, policy = ingress.policy().as_str(), queue = ingress.capacity(), "connecting to the exchange");
+        live = Some((
+            mdbus_exchange::client::start(lc, Arc::clone(ingress), Arc::clone(&control.stop))?,
+            Arc::clone(ingress),
+        ));
+    }
     // SIGHUP re-reads the config file's broker.symbols (add / remove symbols while running).
     let file = cli.config.clone();
     let source: SymbolsSource = Box::new(move || match &file {
         Some(path) => Config::load(Some(path)).map(|c| c.broker.symbols).map_err(|e| format!("{e:#}")),
         None => Err("no --config file to reload".into()),
     });
-    let report = broker::run(&config, &control, Some(&source)).context("broker stopped")?;
+    let result = broker::run(&config, &control, Some(&source));
+    control.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    if let Some(((handle, stats), ingress)) = live {
+        let _ = handle.join();
+        let st = &ingress.stats;
+        let g = |x: &std::sync::atomic::AtomicU64| x.load(std::sync::atomic::Ordering::Relaxed);
+        println!(
+            "{}",
+            serde_json::json!({ "exchange": stats.to_json(), "ingress": {
+                "policy": ingress.policy().as_str(), "capacity": ingress.capacity(),
+                "pushed": g(&st.pushed), "dropped_total": g(&st.dropped_total),
+                "backpressure_events": g(&st.backpressure_events), "high_water": g(&st.high_water),
+            }})
+        );
+    }
+    let report = result.context("broker stopped")?;
     tracing::info!(
         trades = report.trades,
         frames = report.frames,

@@ -67,7 +67,7 @@ pub fn config(cli: &Cli, a: &GatewayArgs) -> Result<GatewayConfig> {
         Some(d) => Some(d.clone()),
         None => cfg.wal.enabled.then(|| cfg.wal.dir_for(&cli.bus(), "realtime")),
     };
-    c.token = a.token.clone().or_else(|| (!g.token.is_empty()).then(|| g.token.clone()));
+    c.token = a.token.clone().or_else(|| Some(g.token.clone())).filter(|t| !t.is_empty());
     c.slow_policy = match a.slow_client {
         Some(p) => p,
         None => g.slow_client.parse().map_err(anyhow::Error::msg)?,
@@ -78,9 +78,14 @@ pub fn config(cli: &Cli, a: &GatewayArgs) -> Result<GatewayConfig> {
     c.max_message_bytes = g.max_message_bytes;
     c.max_msg_rate = a.max_msg_rate.unwrap_or(g.max_msg_rate);
     c.abuse_after = g.abuse_after;
-    let secs = |s: f64| Duration::from_secs_f64(s.clamp(0.001, 86_400.0));
-    c.ping_interval = secs(a.ping_interval.unwrap_or(g.ping_interval_s));
-    c.pong_timeout = secs(a.pong_timeout.unwrap_or(g.pong_timeout_s));
+    let secs = |name: &str, s: f64| {
+        if !(s.is_finite() && s > 0.0) {
+            anyhow::bail!("--{name} {s}: expected a positive number of seconds");
+        }
+        Ok(Duration::from_secs_f64(s.clamp(0.001, 86_400.0)))
+    };
+    c.ping_interval = secs("ping-interval", a.ping_interval.unwrap_or(g.ping_interval_s))?;
+    c.pong_timeout = secs("pong-timeout", a.pong_timeout.unwrap_or(g.pong_timeout_s))?;
     c.threads = a.threads.unwrap_or(g.threads).max(1);
     c.hub = HubOptions { core: a.core.or(g.core), ..HubOptions::default() };
     Ok(c)
