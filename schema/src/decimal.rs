@@ -107,9 +107,16 @@ impl Fixed {
         i64::try_from(f.mantissa).map_err(|_| DecimalParseError::Overflow)
     }
 
-    /// Writes Binance's form: at least 8 fractional digits, all of the scale's if more.
+    /// Writes Binance's form: at least 8 fractional digits; more only where digits beyond the
+    /// 8th are not zero (a quote volume of two 8-digit decimals has scale 16, but is usually
+    /// exact in 8).
     pub fn write_binance(&self, out: &mut String) {
-        self.write_with(out, BINANCE_FRACTION_DIGITS.max(self.scale));
+        let mut f = *self;
+        while f.scale > BINANCE_FRACTION_DIGITS && f.mantissa % 10 == 0 {
+            f.mantissa /= 10;
+            f.scale -= 1;
+        }
+        f.write_with(out, BINANCE_FRACTION_DIGITS.max(f.scale));
     }
 
     /// Writes exactly `frac` fractional digits, which must be at least the scale (so nothing is

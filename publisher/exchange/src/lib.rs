@@ -3,4 +3,5 @@
 //! Binance-compatible exchange with fault injection for tests and demos ([`mock`]).
 
 pub mod client;
+pub mod mock;
 pub mod wire;

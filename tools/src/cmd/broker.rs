@@ -100,7 +100,7 @@ pub struct BrokerArgs {
     pub no_wal: bool,
 }
 
-fn parse_symbols(s: &str) -> Result<Vec<String>> {
+pub fn parse_symbols(s: &str) -> Result<Vec<String>> {
     if let Ok(n) = s.parse::<usize>() {
         if n == 0 {
             bail!("--symbols 0: need at least one symbol");
@@ -251,7 +251,7 @@ fn live_config(cfg: &Config, a: &BrokerArgs, symbols: Vec<String>) -> Result<Liv
     let (ws, rest) = if b.source == "binance" {
         ("wss://stream.binance.com:9443".to_string(), "https://api.binance.com".to_string())
     } else {
-        let ws = b.source.trim_start_matches("ws:").to_string();
+        let ws = b.source.strip_prefix("ws:").unwrap_or(&b.source).to_string();
         let rest = match &a.rest {
             Some(r) => r.clone(),
             None => ws.replacen("wss://", "https://", 1).replacen("ws://", "http://", 1),

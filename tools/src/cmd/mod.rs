@@ -4,5 +4,6 @@ pub mod bench;
 pub mod broker;
 pub mod demo;
 pub mod gateway;
+pub mod mock_exchange;
 pub mod replay;
 pub mod tail;

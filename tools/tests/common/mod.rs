@@ -1,6 +1,8 @@
 //! Helpers for end-to-end tests: real `mdbus` processes on a unique bus each.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod oracle;
+
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdout, Command, Stdio};
