@@ -451,7 +451,7 @@ fn render(sh: &Shared, t: &Stored, kind: Kind, combined: bool, micros: bool) -> 
 }
 
 fn every(n: u64, k: Option<u64>) -> bool {
-    k.is_some_and(|k| k > 0 && n % k == 0)
+    k.is_some_and(|k| k > 0 && n.is_multiple_of(k))
 }
 
 async fn serve_ws(
