@@ -82,6 +82,8 @@ pub struct Ingress {
     not_full: Condvar,
     capacity: usize,
     policy: IngressPolicy,
+    /// Set when the consumer is gone: producers stop waiting.
+    closed: std::sync::atomic::AtomicBool,
     pub stats: IngressStats,
 }
 
@@ -94,6 +96,7 @@ impl Ingress {
             not_full: Condvar::new(),
             capacity,
             policy,
+            closed: std::sync::atomic::AtomicBool::new(false),
             stats: IngressStats::default(),
         }
     }
@@ -128,6 +131,9 @@ impl Ingress {
     /// Queues an item per the policy. Returns false if a trade was dropped (this one or the
     /// oldest).
     pub fn push(&self, e: LiveEvent) -> bool {
+        if self.closed.load(Ordering::Relaxed) {
+            return false;
+        }
         let mut q = self.lock();
         let mut kept = true;
         if q.len() >= self.capacity && matches!(e, LiveEvent::Trade(_)) {
@@ -146,7 +152,14 @@ impl Ingress {
                 }
                 IngressPolicy::Block => {
                     while q.len() >= self.capacity {
-                        q = self.not_full.wait(q).unwrap_or_else(std::sync::PoisonError::into_inner);
+                        if self.closed.load(Ordering::Relaxed) {
+                            return false;
+                        }
+                        q = self
+                            .not_full
+                            .wait_timeout(q, Duration::from_millis(100))
+                            .map(|(q, _)| q)
+                            .unwrap_or_else(|e| e.into_inner().0);
                     }
                 }
             }
@@ -160,6 +173,12 @@ impl Ingress {
         drop(q);
         self.not_empty.notify_one();
         kept
+    }
+
+    /// The consumer is gone: waiting producers return, later pushes are refused.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Relaxed);
+        self.not_full.notify_all();
     }
 
     /// The next item, if any.

@@ -303,3 +303,165 @@ fn a_long_exchange_outage_recovers_by_itself_and_is_visible() {
     let _ = mock.stop(Duration::from_secs(10));
     forget_bus(&bus);
 }
+
+/// The broker on `--source csv:DIR` (as fast as possible): all closed K-lines, read by a tail.
+fn csv_run(data: &Path, conf: &str, n: usize) -> (Vec<Value>, String) {
+    let bus = unique_bus("excsv");
+    let mut tail = Proc::spawn("tail", &["tail", "--config", conf, "--bus", &bus, "--kind", "trade,kline"]);
+    let rx = tail.lines();
+    let broker = Proc::spawn(
+        "broker",
+        &[
+            "broker",
+            "--config",
+            conf,
+            "--bus",
+            &bus,
+            "--source",
+            &format!("csv:{}", data.display()),
+            "--speed",
+            "0",
+            "--no-wal",
+            "--wait-subscribers",
+            "1",
+        ],
+    );
+    let lines = collect_trades(&rx, n, Duration::from_secs(90));
+    let (ok, err) = broker.stop(Duration::from_secs(10));
+    assert!(ok, "{err}");
+    let _ = tail.stop(Duration::from_secs(10));
+    forget_bus(&bus);
+    (lines, err)
+}
+
+#[test]
+fn dataset_files_in_us_and_in_ms_give_the_same_klines_and_bad_lines_are_reported() {
+    let dir = TempDir::new("excsv");
+    let n = 3000;
+    let us = dataset(&dir.0, n);
+    let trades = read_dataset(&us);
+    // The same files with millisecond times (Binance spot before 2025), and one corrupt line.
+    let ms = dir.0.join("ms");
+    std::fs::create_dir_all(&ms).unwrap();
+    for entry in std::fs::read_dir(&us).unwrap() {
+        let p = entry.unwrap().path();
+        let text = std::fs::read_to_string(&p).unwrap();
+        let mut out = String::new();
+        for (i, line) in text.lines().enumerate() {
+            let mut c: Vec<String> = line.split(',').map(str::to_owned).collect();
+            c[4] = (c[4].parse::<i64>().unwrap() / 1000).to_string();
+            out.push_str(&c.join(","));
+            out.push('\n');
+            if i == 10 && p.file_name().unwrap().to_str().unwrap().starts_with("BTCUSDT") {
+                out.push_str("999,not-a-price,1.0,1.0,1614556710000,True,True\n");
+            }
+        }
+        std::fs::write(ms.join(p.file_name().unwrap()), out).unwrap();
+    }
+    let conf = deep_config(&dir.0);
+    let (a, _) = csv_run(&us, &conf, n);
+    let (b, err) = csv_run(&ms, &conf, n);
+    assert!(err.contains("BTCUSDT-trades.csv:12"), "the corrupt line is reported with file and line: {err}");
+    let closed = |lines: &[Value]| -> Vec<Value> {
+        lines.iter().filter(|v| v["kind"] == "kline" && v["k"]["x"] == true).map(|v| v["k"].clone()).collect()
+    };
+    let (ka, kb) = (closed(&a), closed(&b));
+    assert!(ka.len() > 300, "{}", ka.len());
+    assert_eq!(ka, kb, "µs and ms files give the same K-lines");
+    check_klines(&a, &trades);
+}
+
+#[test]
+fn each_ingress_policy_does_what_it_says_under_overload() {
+    let dir = TempDir::new("exin");
+    let n = 3000;
+    let data = dataset(&dir.0, n);
+    let conf = deep_config(&dir.0);
+    for policy in ["drop_newest", "drop_oldest", "block"] {
+        // The whole dataset at once while the broker is not consuming yet (it waits for a
+        // subscriber): the 100-trade ingress queue overflows, deterministically.
+        let (mock, port) =
+            start_mock(&["--source", &format!("csv:{}", data.display()), "--speed", "0", "--wait-for-client"]);
+        let bus = unique_bus("exin");
+        let broker = Proc::spawn(
+            "broker",
+            &[
+                "broker",
+                "--config",
+                &conf,
+                "--bus",
+                &bus,
+                "--source",
+                &format!("ws:ws://127.0.0.1:{port}"),
+                "--symbols",
+                SYMBOLS,
+                "--clock",
+                "event",
+                "--no-wal",
+                "--wait-subscribers",
+                "1",
+                "--ingress-queue",
+                "100",
+                "--ingress-policy",
+                policy,
+                "--dead-after",
+                "30",
+            ],
+        );
+        let start = Instant::now();
+        loop {
+            let (_, s) = http_get(port, "/mock/stats", &[]);
+            let s: Value = serde_json::from_str(&s).unwrap_or_default();
+            if s["messages"].as_u64().unwrap_or(0) >= n as u64 || (policy == "block" && s["connections"] == 1) {
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(60), "mock did not send: {s}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let mut tail = Proc::spawn("tail", &["tail", "--config", &conf, "--bus", &bus, "--kind", "trade"]);
+        let rx = tail.lines();
+        let want = if policy == "block" { n } else { 100 };
+        let got = collect_trades(&rx, want, Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(300));
+        let report = exchange_report(broker);
+        let _ = tail.stop(Duration::from_secs(10));
+        let _ = mock.stop(Duration::from_secs(10));
+        let ing = &report["ingress"];
+        let dropped = ing["dropped_total"].as_u64().unwrap();
+        let sent = report["exchange"]["trades"].as_u64().unwrap();
+        assert_eq!(sent, n as u64, "{report}");
+        let ids: Vec<i64> = got.iter().map(|v| v["t"].as_i64().unwrap()).collect();
+        match policy {
+            "block" => {
+                assert_eq!(dropped, 0, "{report}");
+                assert!(ing["backpressure_events"].as_u64().unwrap() > 0, "{report}");
+                assert_eq!(got.len(), n);
+            }
+            _ => {
+                // Exactly the queue's worth was kept: the first trades or the last ones.
+                assert_eq!(dropped, sent - 100, "{report}");
+                assert_eq!(ing["backpressure_events"].as_u64().unwrap(), dropped, "{report}");
+                let all: Vec<i64> = {
+                    let mut v: Vec<(i64, i64)> =
+                        read_dataset(&data).values().flat_map(|ts| ts.iter().map(|t| (t.time_ms, t.id))).collect();
+                    v.sort_unstable();
+                    v.into_iter().map(|(_, id)| id).collect()
+                };
+                let expect: Vec<i64> =
+                    if policy == "drop_newest" { all[..100].to_vec() } else { all[all.len() - 100..].to_vec() };
+                let mut a = ids.clone();
+                let mut b = expect.clone();
+                a.sort_unstable();
+                b.sort_unstable();
+                assert_eq!(
+                    a,
+                    b,
+                    "{policy}: kept the {} trades",
+                    if policy == "drop_newest" { "first" } else { "last" }
+                );
+            }
+        }
+        forget_bus(&bus);
+    }
+}

@@ -315,7 +315,7 @@ impl Connection {
                     };
                     let d = backoff.next().unwrap_or(self.cfg.backoff_max);
                     tracing::warn!(conn = self.n, error = %why, retry_in_ms = d.as_millis() as u64, "exchange connect failed");
-                    tokio::time::sleep(d).await;
+                    sleep_unless(d, &stop).await;
                     continue;
                 }
             };
@@ -340,6 +340,7 @@ impl Connection {
             }
             first = false;
             let since = Instant::now();
+            let mut last_msg = Instant::now();
             let mut got_data = false;
             let reason = loop {
                 if stop.load(Ordering::Relaxed) {
@@ -348,11 +349,19 @@ impl Connection {
                 if since.elapsed() > self.cfg.rotate_after {
                     break "rotating before the 24 h cut".into();
                 }
-                let msg = match tokio::time::timeout(self.cfg.dead_after, ws.next()).await {
-                    Err(_) => break format!("no data or ping for {:?}", self.cfg.dead_after),
+                if last_msg.elapsed() > self.cfg.dead_after {
+                    break format!("no data or ping for {:?}", self.cfg.dead_after);
+                }
+                // Short waits, so that a stop or a dead connection is noticed promptly.
+                let slice = self.cfg.dead_after.min(Duration::from_millis(100));
+                let msg = match tokio::time::timeout(slice, ws.next()).await {
+                    Err(_) => continue,
                     Ok(None) => break "closed by the exchange".into(),
                     Ok(Some(Err(e))) => break format!("connection error: {e}"),
-                    Ok(Some(Ok(m))) => m,
+                    Ok(Some(Ok(m))) => {
+                        last_msg = Instant::now();
+                        m
+                    }
                 };
                 let text = match msg {
                     WsMessage::Text(t) => t,
@@ -408,7 +417,7 @@ impl Connection {
             let at_once = reason == "serverShutdown" || reason.starts_with("rotating");
             let d = if at_once { Duration::ZERO } else { backoff.next().unwrap_or(self.cfg.backoff_max) };
             tracing::warn!(conn = self.n, reason = %reason, retry_in_ms = d.as_millis() as u64, "exchange connection lost");
-            tokio::time::sleep(d).await;
+            sleep_unless(d, &stop).await;
         }
     }
 
@@ -419,6 +428,14 @@ impl Connection {
             .with_jitter()
             .without_max_times()
             .build()
+    }
+}
+
+/// Sleeps `d`, waking early on `stop`.
+async fn sleep_unless(d: Duration, stop: &AtomicBool) {
+    let end = Instant::now() + d;
+    while Instant::now() < end && !stop.load(Ordering::Relaxed) {
+        tokio::time::sleep((end - Instant::now()).min(Duration::from_millis(100))).await;
     }
 }
 

@@ -309,6 +309,7 @@ pub fn run(cli: &Cli, a: &BrokerArgs) -> Result<ExitCode> {
     let result = broker::run(&config, &control, Some(&source));
     control.stop.store(true, std::sync::atomic::Ordering::Relaxed);
     if let Some(((handle, stats), ingress)) = live {
+        ingress.close();
         let _ = handle.join();
         let st = &ingress.stats;
         let g = |x: &std::sync::atomic::AtomicU64| x.load(std::sync::atomic::Ordering::Relaxed);
