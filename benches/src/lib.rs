@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 pub mod gatewaybench;
+pub mod ingestbench;
 pub mod peer;
 pub mod walbench;
 
@@ -78,7 +79,7 @@ pub struct ScenarioReport {
 /// A benchmark could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum BenchRunError {
-    #[error("unknown scenario {0:?} (known: latency, throughput, wal, gateway)")]
+    #[error("unknown scenario {0:?} (known: latency, throughput, wal, gateway, ingest)")]
     UnknownScenario(String),
     #[error("starting {what}: {source}")]
     Spawn { what: String, source: std::io::Error },
@@ -249,6 +250,15 @@ pub fn run_scenario(scenario: &str, o: &BenchOptions) -> Result<ScenarioReport, 
             rows = r?;
         }
         "gateway" => rows = gatewaybench::run(o, o.clients)?,
+        "ingest" => {
+            let tmp = std::env::temp_dir().join(format!("mdbus-bench-ingest-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&tmp);
+            std::fs::create_dir_all(&tmp)
+                .map_err(|e| BenchRunError::Peer { what: "ingest".into(), detail: e.to_string() })?;
+            let r = ingestbench::run(o, &tmp);
+            let _ = std::fs::remove_dir_all(&tmp);
+            rows = r?;
+        }
         other => return Err(BenchRunError::UnknownScenario(other.into())),
     }
     Ok(ScenarioReport {
@@ -307,6 +317,14 @@ pub fn render_table(r: &ScenarioReport) -> String {
         s.push_str(
             "(conflated: K-line updates replaced by newer ones for lagging clients; dropped: clients disconnected)\n",
         );
+    } else if r.scenario == "ingest" {
+        s.push_str(&format!("{:<52} {:>10} {:>13} {:>10} {:>8}\n", "case", "trades", "per second", "ns each", "ratio"));
+        for x in &r.rows {
+            s.push_str(&format!(
+                "{:<52} {:>10} {:>13.0} {:>10} {:>7.2}x\n",
+                x.name, x.messages, x.per_second, x.p50_ns, x.ratio_vs_baseline
+            ));
+        }
     } else if r.scenario == "wal" {
         s.push_str(&format!(
             "{:<50} {:>10} {:>13} {:>9} {:>9} {:>9} {:>8}\n",

@@ -12,7 +12,7 @@ use crate::Cli;
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// `latency`, `throughput`, `wal`, `gateway` (or `all`).
+    /// `latency`, `throughput`, `wal`, `gateway`, `ingest` (or `all`).
     pub scenario: String,
     /// A short run (under a minute for all scenarios).
     #[arg(long)]
@@ -59,7 +59,7 @@ pub fn run(_cli: &Cli, a: &BenchArgs) -> Result<ExitCode> {
         gateway_threads: a.gateway_threads,
     };
     let scenarios: Vec<&str> = match a.scenario.as_str() {
-        "all" => vec!["latency", "throughput", "wal", "gateway"],
+        "all" => vec!["latency", "throughput", "wal", "gateway", "ingest"],
         s => vec![s],
     };
     for s in scenarios {
