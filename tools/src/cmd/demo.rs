@@ -1,7 +1,8 @@
 //! `mdbus demo`: the main job on embedded defaults, no network.
 //!
-//! Starts `mdbus broker` (synthetic feed) and `mdbus gateway` (WebSocket, Binance protocol) as
-//! child processes on bus `demo`, prints the endpoints and a ready-to-paste client command,
+//! Starts `mdbus mock-exchange` (synthetic trades, Binance protocol), `mdbus broker` connected to
+//! it as a live source, and `mdbus gateway` (WebSocket, Binance protocol) as child processes on
+//! bus `demo`, prints the endpoints and a ready-to-paste client command,
 //! subscribes to the real-time stream and prints a one-line summary per second: frames/s, last
 //! seq, gaps, publisher health and the live 1m K-line of the first symbol. Ctrl-C (or SIGTERM)
 //! stops the children, waits for them, and checks that the bus left no shared memory behind.
@@ -37,16 +38,33 @@ pub struct DemoArgs {
 
 /// Starts `mdbus gateway` on `listen`; returns it and the address it serves once it is ready.
 fn spawn_gateway(cli: &Cli, listen: &str) -> Result<(Child, String)> {
+    let mut args = vec!["gateway".to_string(), "--bus".into(), cli.bus(), "--listen".into(), listen.into()];
+    if let Some(c) = &cli.config {
+        args.push("--config".into());
+        args.push(c.display().to_string());
+    }
+    spawn_service(&args, "gateway", listen)
+}
+
+/// Starts `mdbus mock-exchange` (synthetic trades) on a free port.
+fn spawn_exchange(a: &DemoArgs) -> Result<(Child, String)> {
+    let args: Vec<String> =
+        ["mock-exchange", "--listen", "127.0.0.1:0", "--symbols", &a.symbols, "--rate", &a.rate.to_string()]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+    spawn_service(&args, "mock exchange", "127.0.0.1:0")
+}
+
+/// Starts `mdbus <args>`; returns it and the `ws://` address it prints once ready.
+fn spawn_service(args: &[String], name: &str, listen: &str) -> Result<(Child, String)> {
     let exe = std::env::current_exe().context("locating the mdbus executable")?;
     let mut cmd = Command::new(exe);
-    cmd.arg("gateway").arg("--bus").arg(cli.bus()).arg("--listen").arg(listen);
-    if let Some(c) = &cli.config {
-        cmd.arg("--config").arg(c);
-    }
+    cmd.args(args);
     cmd.stdin(Stdio::null()).stdout(Stdio::piped());
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-    let mut child = cmd.spawn().context("starting the gateway process")?;
-    let out = child.stdout.take().context("gateway stdout")?;
+    let mut child = cmd.spawn().with_context(|| format!("starting the {name} process"))?;
+    let out = child.stdout.take().with_context(|| format!("{name} stdout"))?;
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         use std::io::BufRead;
@@ -59,23 +77,23 @@ fn spawn_gateway(cli: &Cli, listen: &str) -> Result<(Child, String)> {
         Ok(Some(Ok(line))) => match line.split("ws://").nth(1).and_then(|r| r.split_whitespace().next()) {
             Some(addr) => Ok((child, addr.to_owned())),
             None => {
-                stop_child(&mut child, "gateway");
-                anyhow::bail!("the gateway printed {line:?} instead of its address")
+                stop_child(&mut child, name);
+                anyhow::bail!("the {name} printed {line:?} instead of its address")
             }
         },
         _ => {
-            stop_child(&mut child, "gateway");
-            anyhow::bail!("the gateway did not start on {listen} (see its error above)")
+            stop_child(&mut child, name);
+            anyhow::bail!("the {name} did not start on {listen} (see its error above)")
         }
     }
 }
 
-fn spawn_broker(cli: &Cli, a: &DemoArgs) -> Result<Child> {
+fn spawn_broker(cli: &Cli, a: &DemoArgs, exchange: &str) -> Result<Child> {
     let bus = cli.bus();
     let exe = std::env::current_exe().context("locating the mdbus executable")?;
     let mut cmd = Command::new(exe);
-    cmd.arg("broker").arg("--bus").arg(&bus).arg("--source").arg("synthetic");
-    cmd.arg("--symbols").arg(&a.symbols).arg("--rate").arg(a.rate.to_string());
+    cmd.arg("broker").arg("--bus").arg(&bus).arg("--source").arg(format!("ws:ws://{exchange}"));
+    cmd.arg("--symbols").arg(&a.symbols);
     if let Some(c) = &cli.config {
         cmd.arg("--config").arg(c);
     }
@@ -125,7 +143,14 @@ pub fn run(cli: &Cli, a: &DemoArgs) -> Result<ExitCode> {
     let bus = cli.bus();
     let cfg = Config::load(cli.config.as_deref())?;
     let stop = crate::signals::stop_flag()?;
-    let mut broker = spawn_broker(cli, a)?;
+    let (mut exchange, exchange_addr) = spawn_exchange(a)?;
+    let mut broker = match spawn_broker(cli, a, &exchange_addr) {
+        Ok(b) => b,
+        Err(e) => {
+            stop_child(&mut exchange, "mock exchange");
+            return Err(e);
+        }
+    };
     let gateway = match a.gateway_listen {
         Some(l) => spawn_gateway(cli, &l.to_string()),
         None => spawn_gateway(cli, &cfg.gateway.listen).or_else(|e| {
@@ -137,12 +162,19 @@ pub fn run(cli: &Cli, a: &DemoArgs) -> Result<ExitCode> {
         Ok(g) => g,
         Err(e) => {
             stop_child(&mut broker, "broker");
+            stop_child(&mut exchange, "mock exchange");
             return Err(e);
         }
     };
     let service = mdbus_schema::service::stream_service(&bus, "realtime");
     println!("mdbus demo on bus {:?}", bus);
-    println!("  broker      pid {}  synthetic feed, {} symbols, ~{} trades/s", broker.id(), a.symbols, a.rate);
+    println!(
+        "  exchange    ws://{exchange_addr}  pid {}  (mdbus mock-exchange: {} symbols, ~{} trades/s, Binance protocol)",
+        exchange.id(),
+        a.symbols,
+        a.rate
+    );
+    println!("  broker      pid {}  live source ws://{exchange_addr}: reconnects, backfill, aggregation", broker.id());
     println!("  stream      {service}  (trades, K-line updates and closes for 16 intervals, heartbeats)");
     // The path of this very binary, so the hint works before `mdbus` is on the PATH.
     let exe = std::env::current_exe().map_or_else(|_| "mdbus".to_owned(), |p| p.display().to_string());
@@ -160,6 +192,7 @@ pub fn run(cli: &Cli, a: &DemoArgs) -> Result<ExitCode> {
     let result = summarize(cli, &cfg, a, &stop);
     stop_child(&mut gateway, "gateway");
     stop_child(&mut broker, "broker");
+    stop_child(&mut exchange, "mock exchange");
     // Give iceoryx2 a moment to observe the dead ports, then check for leftovers.
     let leftovers = leftover_shm(&bus);
     if leftovers.is_empty() {
