@@ -140,6 +140,8 @@ pub fn start(
     ingress: Arc<Ingress>,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<(std::thread::JoinHandle<()>, Arc<LiveStats>)> {
+    // TLS (wss://, https://) with ring; a second install is harmless.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let stats = Arc::new(LiveStats::default());
     let st = Arc::clone(&stats);
     let handle = std::thread::Builder::new().name("exchange".into()).spawn(move || {
@@ -179,7 +181,7 @@ struct Connection {
     cfg: Arc<LiveConfig>,
     ingress: Arc<Ingress>,
     stats: Arc<LiveStats>,
-    http: Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>,
+    http: Client<hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>, Empty<Bytes>>,
 }
 
 fn sampled(n: u64) -> bool {
@@ -190,7 +192,10 @@ impl Connection {
     fn new(n: usize, ids: Vec<u32>, cfg: Arc<LiveConfig>, ingress: Arc<Ingress>, stats: Arc<LiveStats>) -> Connection {
         let by_name = ids.iter().map(|&i| (cfg.symbols[i as usize].to_ascii_uppercase(), i)).collect();
         let symbols = cfg.symbols.iter().map(|s| Symbol::new(s).unwrap_or_else(|_| unreachable_symbol())).collect();
-        let http = Client::builder(TokioExecutor::new()).build_http();
+        // http:// (the mock exchange) or https:// (Binance), webpki roots.
+        let https =
+            hyper_rustls::HttpsConnectorBuilder::new().with_webpki_roots().https_or_http().enable_http1().build();
+        let http = Client::builder(TokioExecutor::new()).build(https);
         Connection { n, ids, by_name, symbols, last: HashMap::new(), cfg, ingress, stats, http }
     }
 

@@ -258,14 +258,8 @@ fn live_config(cfg: &Config, a: &BrokerArgs, symbols: Vec<String>) -> Result<Liv
         };
         (ws, rest)
     };
-    if ws.starts_with("wss://") || rest.starts_with("https://") {
-        bail!(
-            "{ws}: TLS connections are not built into this mdbus yet; use a ws:// source (for example \
-             `mdbus mock-exchange`) or a local TLS-terminating proxy"
-        );
-    }
-    if !ws.starts_with("ws://") {
-        bail!("broker.source = {:?}: expected ws://HOST:PORT", b.source);
+    if !(ws.starts_with("ws://") || ws.starts_with("wss://")) {
+        bail!("broker.source = {:?}: expected ws:ws://HOST:PORT or ws:wss://HOST:PORT", b.source);
     }
     let mut c = LiveConfig::new(&ws, &rest, symbols);
     c.stream = b.trade_stream.parse::<TradeStream>().map_err(anyhow::Error::msg)?;
