@@ -65,6 +65,27 @@ pub struct Row {
     pub ratio_vs_baseline: f64,
 }
 
+impl Row {
+    /// A rate row: `n` items in `elapsed` (and `bytes`), no latency figures.
+    pub fn rate(name: &str, kind: &str, n: u64, elapsed: std::time::Duration, bytes: u64) -> Row {
+        let secs = elapsed.as_secs_f64().max(1e-9);
+        Row {
+            name: name.into(),
+            transport: kind.into(),
+            messages: n,
+            lost: 0,
+            out_of_order: 0,
+            per_second: n as f64 / secs,
+            bytes_per_second: bytes as f64 / secs,
+            p50_ns: 0,
+            p99_ns: 0,
+            p999_ns: 0,
+            max_ns: 0,
+            ratio_vs_baseline: 1.0,
+        }
+    }
+}
+
 /// A scenario's result.
 #[derive(Debug, Clone, Serialize)]
 pub struct ScenarioReport {

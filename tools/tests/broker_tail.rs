@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::time::Duration;
 
 use common::oracle::*;
@@ -137,31 +137,8 @@ fn oracle_run(workers: usize, speed: &str) {
     }
 
     // Closed K-lines: each equals the oracle; none is missing; none is repeated.
-    let mut seen: BTreeSet<(String, String, i64)> = BTreeSet::new();
-    let mut intervals_closed: BTreeSet<String> = BTreeSet::new();
-    let mut checked = 0;
-    for v in data.iter().filter(|v| v["kind"] == "kline" && v["k"]["x"] == true) {
-        let k = &v["k"];
-        let s = k["s"].as_str().unwrap();
-        let i = k["i"].as_str().unwrap();
-        let t = k["t"].as_i64().unwrap();
-        assert!(seen.insert((s.to_owned(), i.to_owned(), t)), "closed twice: {k}");
-        assert_eq!(as_map(k), oracle_kline(s, i, &trades[s], t), "K-line differs from the oracle: {k}");
-        intervals_closed.insert(i.to_owned());
-        checked += 1;
-    }
+    let (checked, intervals_closed) = check_klines(data.iter().copied(), &trades);
     assert_eq!(intervals_closed.len(), 16, "only {intervals_closed:?} closed");
-    for (s, ts) in &trades {
-        let last = ts.last().unwrap().time_ms;
-        for i in INTERVALS {
-            // Every bucket before the last trade's must have closed.
-            let mut open = bucket(i, ts[0].time_ms);
-            while next_bucket(i, open) <= bucket(i, last) {
-                assert!(seen.contains(&(s.clone(), i.to_owned(), open)), "{s} {i} {open} never closed");
-                open = next_bucket(i, open);
-            }
-        }
-    }
     assert!(checked > 500, "only {checked} closed K-lines");
     // The 1M K-line of February 2021 closed with T = 2021-02-28T23:59:59.999Z.
     assert!(data.iter().any(|v| v["k"]["i"] == "1M" && v["k"]["x"] == true && v["k"]["T"] == 1_614_556_799_999i64));

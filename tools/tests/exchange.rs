@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -78,32 +78,6 @@ fn read_dataset(dir: &Path) -> HashMap<String, Vec<CsvTrade>> {
     trades
 }
 
-/// Checks every closed K-line in `lines` against the oracle, and that none is missing.
-fn check_klines(lines: &[Value], trades: &HashMap<String, Vec<CsvTrade>>) -> usize {
-    let mut seen: BTreeSet<(String, String, i64)> = BTreeSet::new();
-    let mut checked = 0;
-    for v in lines.iter().filter(|v| v["kind"] == "kline" && v["k"]["x"] == true) {
-        let k = &v["k"];
-        let s = k["s"].as_str().unwrap();
-        let i = k["i"].as_str().unwrap();
-        let t = k["t"].as_i64().unwrap();
-        assert!(seen.insert((s.to_owned(), i.to_owned(), t)), "closed twice: {k}");
-        assert_eq!(as_map(k), oracle_kline(s, i, &trades[s], t), "K-line differs from the oracle: {k}");
-        checked += 1;
-    }
-    for (s, ts) in trades {
-        let last = ts.last().unwrap().time_ms;
-        for i in INTERVALS {
-            let mut open = bucket(i, ts[0].time_ms);
-            while next_bucket(i, open) <= bucket(i, last) {
-                assert!(seen.contains(&(s.clone(), i.to_owned(), open)), "{s} {i} {open} never closed");
-                open = next_bucket(i, open);
-            }
-        }
-    }
-    checked
-}
-
 /// Reads a tail until `want` trades have arrived.
 fn collect_trades(rx: &std::sync::mpsc::Receiver<String>, want: usize, limit: Duration) -> Vec<Value> {
     let mut n = 0;
@@ -124,17 +98,17 @@ fn deep_config(dir: &Path) -> String {
 fn start_mock(args: &[&str]) -> (Proc, u16) {
     let mut all = vec!["mock-exchange", "--listen", "127.0.0.1:0"];
     all.extend_from_slice(args);
-    let mut mock = Proc::spawn("mock-exchange", &all);
-    let lines = mock.lines();
-    let first = lines.recv_timeout(Duration::from_secs(20)).expect("mock exchange did not start");
-    let port = first
-        .split("ws://127.0.0.1:")
-        .nth(1)
-        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no port in {first:?}"));
-    std::thread::spawn(move || while lines.recv().is_ok() {});
-    (mock, port)
+    Proc::spawn_listening("mock-exchange", &all)
+}
+
+/// `mdbus broker` on the mock exchange at `port` (WAL off; it waits for one subscriber).
+fn live_broker(conf: &str, bus: &str, port: u16, extra: &[&str]) -> Proc {
+    let source = format!("ws:ws://127.0.0.1:{port}");
+    let mut args =
+        vec!["broker", "--config", conf, "--bus", bus, "--source", &source, "--symbols", SYMBOLS, "--no-wal"];
+    args.extend_from_slice(&["--wait-subscribers", "1"]);
+    args.extend_from_slice(extra);
+    Proc::spawn("broker", &args)
 }
 
 /// The JSON line the broker prints at exit for a live source.
@@ -179,27 +153,7 @@ fn klines_from_a_faulty_exchange_equal_the_oracle() {
     let bus = unique_bus("exfault");
     let mut tail = Proc::spawn("tail", &["tail", "--config", &conf, "--bus", &bus, "--kind", "trade,kline"]);
     let rx = tail.lines();
-    let broker = Proc::spawn(
-        "broker",
-        &[
-            "broker",
-            "--config",
-            &conf,
-            "--bus",
-            &bus,
-            "--source",
-            &format!("ws:ws://127.0.0.1:{port}"),
-            "--symbols",
-            SYMBOLS,
-            "--clock",
-            "event",
-            "--dead-after",
-            "0.4",
-            "--no-wal",
-            "--wait-subscribers",
-            "1",
-        ],
-    );
+    let broker = live_broker(&conf, &bus, port, &["--clock", "event", "--dead-after", "0.4"]);
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let dropper = {
         let done = std::sync::Arc::clone(&done);
@@ -234,7 +188,7 @@ fn klines_from_a_faulty_exchange_equal_the_oracle() {
         assert_eq!(v["p"].as_str().unwrap(), render_e8(t.price));
         assert_eq!(v["q"].as_str().unwrap(), render_e8(t.qty));
     }
-    let checked = check_klines(&lines, &trades);
+    let (checked, _) = check_klines(&lines, &trades);
     assert!(checked > 500, "only {checked} closed K-lines");
     // The faults happened and were handled.
     let ex = &report["exchange"];
@@ -254,25 +208,7 @@ fn a_long_exchange_outage_recovers_by_itself_and_is_visible() {
     let bus = unique_bus("exout");
     let mut tail = Proc::spawn("tail", &["tail", "--config", &conf, "--bus", &bus, "--kind", "trade,heartbeat"]);
     let rx = tail.lines();
-    let broker = Proc::spawn(
-        "broker",
-        &[
-            "broker",
-            "--config",
-            &conf,
-            "--bus",
-            &bus,
-            "--source",
-            &format!("ws:ws://127.0.0.1:{port}"),
-            "--symbols",
-            SYMBOLS,
-            "--dead-after",
-            "1",
-            "--no-wal",
-            "--wait-subscribers",
-            "1",
-        ],
-    );
+    let broker = live_broker(&conf, &bus, port, &["--dead-after", "1"]);
     // Live first.
     collect_trades(&rx, 20, Duration::from_secs(30));
     // The exchange goes away (compressed: 3 s): connections dropped and refused meanwhile.
@@ -383,30 +319,11 @@ fn each_ingress_policy_does_what_it_says_under_overload() {
         let (mock, port) =
             start_mock(&["--source", &format!("csv:{}", data.display()), "--speed", "0", "--wait-for-client"]);
         let bus = unique_bus("exin");
-        let broker = Proc::spawn(
-            "broker",
-            &[
-                "broker",
-                "--config",
-                &conf,
-                "--bus",
-                &bus,
-                "--source",
-                &format!("ws:ws://127.0.0.1:{port}"),
-                "--symbols",
-                SYMBOLS,
-                "--clock",
-                "event",
-                "--no-wal",
-                "--wait-subscribers",
-                "1",
-                "--ingress-queue",
-                "100",
-                "--ingress-policy",
-                policy,
-                "--dead-after",
-                "30",
-            ],
+        let broker = live_broker(
+            &conf,
+            &bus,
+            port,
+            &["--clock", "event", "--ingress-queue", "100", "--ingress-policy", policy, "--dead-after", "30"],
         );
         let start = Instant::now();
         loop {

@@ -225,21 +225,29 @@ pub struct Gateway {
     pub port: u16,
 }
 
-impl Gateway {
-    pub fn start(bus: &str, extra: &[&str]) -> Gateway {
-        let mut args = vec!["gateway", "--bus", bus, "--listen", "127.0.0.1:0"];
-        args.extend_from_slice(extra);
-        let mut proc = Proc::spawn("gateway", &args);
+impl Proc {
+    /// Spawns a server that prints `… ws://127.0.0.1:PORT …` when ready; returns it and the port.
+    pub fn spawn_listening(name: &str, args: &[&str]) -> (Proc, u16) {
+        let mut proc = Proc::spawn(name, args);
         let lines = proc.lines();
-        let first = lines.recv_timeout(Duration::from_secs(20)).expect("gateway did not start");
+        let first = lines.recv_timeout(Duration::from_secs(20)).unwrap_or_else(|_| panic!("{name} did not start"));
         let port = first
             .split("ws://127.0.0.1:")
             .nth(1)
             .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
             .and_then(|p| p.parse().ok())
             .unwrap_or_else(|| panic!("no port in {first:?}"));
-        // Keep draining stdout so the gateway never blocks on it.
+        // Keep draining stdout so that the process never blocks on it.
         std::thread::spawn(move || while lines.recv().is_ok() {});
+        (proc, port)
+    }
+}
+
+impl Gateway {
+    pub fn start(bus: &str, extra: &[&str]) -> Gateway {
+        let mut args = vec!["gateway", "--bus", bus, "--listen", "127.0.0.1:0"];
+        args.extend_from_slice(extra);
+        let (proc, port) = Proc::spawn_listening("gateway", &args);
         Gateway { proc, port }
     }
 

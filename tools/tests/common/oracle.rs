@@ -2,7 +2,7 @@
 //! for the calendar, its own decimal handling); it shares no code with the aggregator.
 #![allow(dead_code, clippy::unwrap_used)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use chrono::{Datelike, Duration as ChronoDuration, NaiveDate, TimeZone, Utc};
 use serde_json::Value;
@@ -165,3 +165,36 @@ pub fn as_map(k: &Value) -> BTreeMap<&'static str, Value> {
 }
 
 // ---------------------------------------------------------------- the test
+
+/// Checks every closed K-line in `lines` against the oracle, and that none is missing.
+/// Returns how many were checked and the intervals that closed.
+pub fn check_klines<'a>(
+    lines: impl IntoIterator<Item = &'a Value>,
+    trades: &HashMap<String, Vec<CsvTrade>>,
+) -> (usize, BTreeSet<String>) {
+    let mut seen: BTreeSet<(String, String, i64)> = BTreeSet::new();
+    let mut intervals = BTreeSet::new();
+    let mut checked = 0;
+    for v in lines.into_iter().filter(|v| v["kind"] == "kline" && v["k"]["x"] == true) {
+        let k = &v["k"];
+        let s = k["s"].as_str().unwrap();
+        let i = k["i"].as_str().unwrap();
+        let t = k["t"].as_i64().unwrap();
+        assert!(seen.insert((s.to_owned(), i.to_owned(), t)), "closed twice: {k}");
+        assert_eq!(as_map(k), oracle_kline(s, i, &trades[s], t), "K-line differs from the oracle: {k}");
+        intervals.insert(i.to_owned());
+        checked += 1;
+    }
+    for (s, ts) in trades {
+        let last = ts.last().unwrap().time_ms;
+        for i in INTERVALS {
+            let mut open = bucket(i, ts[0].time_ms);
+            // Every bucket before the last trade's must have closed.
+            while next_bucket(i, open) <= bucket(i, last) {
+                assert!(seen.contains(&(s.clone(), i.to_owned(), open)), "{s} {i} {open} never closed");
+                open = next_bucket(i, open);
+            }
+        }
+    }
+    (checked, intervals)
+}
