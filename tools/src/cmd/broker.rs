@@ -119,8 +119,9 @@ pub fn parse_symbols(s: &str) -> Result<Vec<String>> {
     Ok(list)
 }
 
-/// Merges file/env/flags into the broker's typed config.
-pub fn broker_config(cli: &Cli, a: &BrokerArgs) -> Result<BrokerConfig> {
+/// Merges file/env/flags into the broker's typed config, and for a live source the settings of
+/// its exchange connections (started by [`run`]).
+pub fn broker_config(cli: &Cli, a: &BrokerArgs) -> Result<(BrokerConfig, Option<LiveConfig>)> {
     // Before anything touches the disk: the bus name becomes part of paths.
     mdbus_schema::service::validate_bus_name(&cli.bus()).map_err(anyhow::Error::msg)?;
     let mut cfg = Config::load(cli.config.as_deref())?;
@@ -216,7 +217,11 @@ pub fn broker_config(cli: &Cli, a: &BrokerArgs) -> Result<BrokerConfig> {
         let policy: IngressPolicy = b.ingress_policy.parse().map_err(anyhow::Error::msg)?;
         SourceConfig::Live { ingress: Arc::new(Ingress::new(b.ingress_queue, policy)), symbols: b.symbols.clone() }
     };
-    Ok(BrokerConfig {
+    let live = match &source {
+        SourceConfig::Live { symbols, .. } => Some(live_config(&cfg, a, symbols.clone())?),
+        _ => None,
+    };
+    let config = BrokerConfig {
         bus: cli.bus(),
         stream: cfg.stream_settings(),
         source,
@@ -242,7 +247,8 @@ pub fn broker_config(cli: &Cli, a: &BrokerArgs) -> Result<BrokerConfig> {
             },
             retention: RetentionPolicy { max_bytes: Some(cfg.wal.retention_bytes), max_age: None },
         }),
-    })
+    };
+    Ok((config, live))
 }
 
 /// The live source's connection settings for `broker.source` (`ws:URL` or `binance`).
@@ -271,23 +277,11 @@ fn live_config(cfg: &Config, a: &BrokerArgs, symbols: Vec<String>) -> Result<Liv
 }
 
 pub fn run(cli: &Cli, a: &BrokerArgs) -> Result<ExitCode> {
-    let config = broker_config(cli, a)?;
+    let (config, live_cfg) = broker_config(cli, a)?;
     let control = BrokerControl { stop: crate::signals::stop_flag()?, reload: crate::signals::reload_flag()? };
     tracing::info!(bus = %config.bus, source = %config.source.describe(), clock = ?config.clock, workers = config.workers, "broker starting");
     let mut live = None;
-    if let SourceConfig::Live { ingress, symbols } = &config.source {
-        let cfg = Config::load(cli.config.as_deref())?;
-        let mut cfg2 = cfg.clone();
-        if let Some(v) = &a.source {
-            cfg2.broker.source = v.clone();
-        }
-        if let Some(v) = &a.trade_stream {
-            cfg2.broker.trade_stream = v.clone();
-        }
-        if let Some(v) = a.dead_after {
-            cfg2.broker.dead_after_s = v;
-        }
-        let lc = live_config(&cfg2, a, symbols.clone())?;
+    if let (SourceConfig::Live { ingress, .. }, Some(lc)) = (&config.source, live_cfg) {
         tracing::info!(ws = %lc.ws_url, rest = %lc.rest_url, policy = ingress.policy().as_str(), queue = ingress.capacity(), "connecting to the exchange");
         live = Some((
             mdbus_exchange::client::start(lc, Arc::clone(ingress), Arc::clone(&control.stop))?,
