@@ -15,17 +15,17 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::protocol::{DataKey, Topic};
 
-/// The stream of a trade or K-line frame, and whether it is an open K-line's update (which may
-/// be conflated). `None` for heartbeats and undecodable frames.
-pub fn frame_key(frame: &FrameRef<'_>) -> Option<(DataKey, bool)> {
+/// The stream of a trade or K-line frame (from the body's symbol and interval, unvalidated
+/// beyond that). `None` for heartbeats and undecodable frames.
+pub fn frame_key(frame: &FrameRef<'_>) -> Option<DataKey> {
     let raw = frame.peek_symbol()?;
     let raw = <&[u8; mdbus_schema::symbol::SYMBOL_MAX_LEN]>::try_from(raw).ok()?;
     let symbol = mdbus_schema::Symbol::from_wire(raw).ok()?;
     match frame.kind() {
-        FrameKind::Trade => Some((DataKey { symbol, topic: Topic::Trade }, false)),
+        FrameKind::Trade => Some(DataKey { symbol, topic: Topic::Trade }),
         FrameKind::Kline => {
             let iv = frame.peek_interval().and_then(mdbus_schema::Interval::from_u8)?;
-            Some((DataKey { symbol, topic: Topic::Kline(iv) }, false))
+            Some(DataKey { symbol, topic: Topic::Kline(iv) })
         }
         FrameKind::Heartbeat => None,
     }

@@ -11,12 +11,12 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mdbus_schema::json::TimeUnit;
-use mdbus_schema::{FeedState, FrameKind, FrameRef, Interval, Symbol};
+use mdbus_schema::{FeedState, FrameKind, FrameRef, Symbol};
 use mdbus_subscribers::{Health, Reader, WaitMode};
 use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use crate::encode::{FrameMessages, Shape};
+use crate::encode::{frame_key, FrameMessages, Shape};
 use crate::outbox::{Entry, Outbox, Pushed};
 use crate::protocol::{DataKey, StreamName, Topic, HEALTH_STREAM};
 
@@ -233,32 +233,20 @@ impl Fanout {
     fn dispatch(&mut self, frame: &FrameRef<'_>) {
         let stats = &self.state.stats;
         stats.frames_in.fetch_add(1, Ordering::Relaxed);
-        let kind = frame.kind();
-        let (Some(raw), true) = (frame.peek_symbol(), kind != FrameKind::Heartbeat) else { return };
-        let Ok(raw) = <&[u8; mdbus_schema::symbol::SYMBOL_MAX_LEN]>::try_from(raw) else { return };
-        let Ok(symbol) = Symbol::from_wire(raw) else {
+        if frame.kind() == FrameKind::Heartbeat {
+            return;
+        }
+        let Some(key) = frame_key(frame) else {
             stats.decode_errors.fetch_add(1, Ordering::Relaxed);
             return;
         };
-        if !self.known.contains(&symbol) {
-            self.known.insert(symbol);
+        if self.known.insert(key.symbol) {
             if let Ok(mut s) = self.state.symbols.lock() {
-                s.insert(symbol);
+                s.insert(key.symbol);
             }
         }
-        let (topic, update) = match kind {
-            FrameKind::Trade => (Topic::Trade, false),
-            _ => {
-                let Some(iv) = frame.peek_interval().and_then(Interval::from_u8) else {
-                    stats.decode_errors.fetch_add(1, Ordering::Relaxed);
-                    return;
-                };
-                (Topic::Kline(iv), true)
-            }
-        };
-        let key = DataKey { symbol, topic };
         let Some(clients) = self.subs.get(&key) else { return };
-        let update = update && frame.kline().is_ok_and(|k| !k.closed);
+        let update = matches!(key.topic, Topic::Kline(_)) && frame.kline().is_ok_and(|k| !k.closed);
         self.msgs.reset();
         let seq = frame.seq();
         let mut dead = false;
@@ -268,7 +256,7 @@ impl Fanout {
             }
             let Some(msg) = self.msgs.get(frame, &key, c.shape()) else {
                 stats.decode_errors.fetch_add(1, Ordering::Relaxed);
-                return;
+                break;
             };
             match c.outbox.push(&key, update, Entry::new(msg, seq)) {
                 Pushed::Queued { first } => {

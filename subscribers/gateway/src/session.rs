@@ -494,7 +494,7 @@ fn catch_up(
                 buf.clear();
                 buf.extend_from_slice(rec.payload);
                 let Ok(frame) = FrameRef::parse(&buf) else { continue };
-                let Some((key, _)) = frame_key(&frame) else { continue };
+                let Some(key) = frame_key(&frame) else { continue };
                 if !keys.contains(&key) {
                     continue;
                 }
