@@ -132,6 +132,31 @@ fn write_heartbeat_fields(out: &mut String, h: &ArchivedHeartbeat) {
     );
 }
 
+/// Writes our K-line markers, outside Binance's object, only those that are set: a re-close
+/// (`"rev":N`), a feed outage (`"feed_gap":true`), skipped empty K-lines (`"skipped_empty":true`).
+/// Each is preceded by a comma with `leading`, followed by one otherwise.
+pub fn write_kline_markers(out: &mut String, k: &ArchivedKline, leading: bool) {
+    let mut field = |f: std::fmt::Arguments<'_>| {
+        if leading {
+            out.push(',');
+        }
+        let _ = out.write_fmt(f);
+        if !leading {
+            out.push(',');
+        }
+    };
+    let rev = k.revision.to_native();
+    if rev > 0 {
+        field(format_args!("\"rev\":{rev}"));
+    }
+    if k.flags & KLINE_FLAG_FEED_GAP != 0 {
+        field(format_args!("\"feed_gap\":true"));
+    }
+    if k.flags & KLINE_FLAG_EMPTY_SKIPPED != 0 {
+        field(format_args!("\"skipped_empty\":true"));
+    }
+}
+
 /// Appends one JSON line (without the newline) for `frame` to `out`. On a decode error nothing
 /// is appended.
 pub fn write_frame_line(out: &mut String, frame: &FrameRef<'_>) -> Result<(), FrameDecodeError> {
@@ -142,17 +167,7 @@ pub fn write_frame_line(out: &mut String, frame: &FrameRef<'_>) -> Result<(), Fr
     let res = match h.kind {
         FrameKind::Kline => frame.kline().map(|k| {
             let _ = write!(out, "\"s\":\"{}\",", symbol_str(&k.symbol).as_str());
-            // Our markers, outside Binance's object: a re-close, a feed outage, skipped empties.
-            let rev = k.revision.to_native();
-            if rev > 0 {
-                let _ = write!(out, "\"rev\":{rev},");
-            }
-            if k.flags & KLINE_FLAG_FEED_GAP != 0 {
-                out.push_str("\"feed_gap\":true,");
-            }
-            if k.flags & KLINE_FLAG_EMPTY_SKIPPED != 0 {
-                out.push_str("\"skipped_empty\":true,");
-            }
+            write_kline_markers(out, k, false);
             out.push_str("\"k\":");
             write_kline_object(out, k);
         }),
@@ -168,5 +183,32 @@ pub fn write_frame_line(out: &mut String, frame: &FrameRef<'_>) -> Result<(), Fr
             out.truncate(start);
             Err(e)
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::body::Kline;
+    use crate::frame::{header, FrameRef, FrameWriter};
+    use crate::Symbol;
+
+    #[test]
+    fn markers_appear_only_when_set_with_either_separator() {
+        let mut k = Kline::empty(Interval::M1, 1_700_000_000_000, Symbol::new("BTCUSDT").unwrap(), 0, 2, 5, 100);
+        let render = |k: &Kline, leading: bool| {
+            let mut w = FrameWriter::with_capacity(512);
+            w.push_kline(header(FrameKind::Kline, 1, 1), k).unwrap();
+            let f = FrameRef::parse(w.as_bytes()).unwrap();
+            let mut out = String::new();
+            write_kline_markers(&mut out, f.kline().unwrap(), leading);
+            out
+        };
+        assert_eq!(render(&k, true), "");
+        k.revision = 2;
+        k.flags = KLINE_FLAG_FEED_GAP | KLINE_FLAG_EMPTY_SKIPPED;
+        assert_eq!(render(&k, true), r#","rev":2,"feed_gap":true,"skipped_empty":true"#);
+        assert_eq!(render(&k, false), r#""rev":2,"feed_gap":true,"skipped_empty":true,"#);
     }
 }

@@ -8,8 +8,7 @@
 
 use std::fmt::Write as _;
 
-use mdbus_schema::body::{KLINE_FLAG_EMPTY_SKIPPED, KLINE_FLAG_FEED_GAP};
-use mdbus_schema::json::{write_kline_object_in, write_trade_fields_in, TimeUnit};
+use mdbus_schema::json::{write_kline_markers, write_kline_object_in, write_trade_fields_in, TimeUnit};
 use mdbus_schema::{FrameDecodeError, FrameKind, FrameRef};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
@@ -57,16 +56,7 @@ pub fn write_event_open(out: &mut String, frame: &FrameRef<'_>, unit: TimeUnit) 
                 .map_err(|_| FrameDecodeError::InvalidField { seq: frame.seq(), field: "symbol" })?;
             let _ = write!(out, "{{\"e\":\"kline\",\"E\":{e},\"s\":\"{}\",\"k\":", sym.as_str());
             write_kline_object_in(out, k, unit);
-            let rev = k.revision.to_native();
-            if rev > 0 {
-                let _ = write!(out, ",\"rev\":{rev}");
-            }
-            if k.flags & KLINE_FLAG_FEED_GAP != 0 {
-                out.push_str(",\"feed_gap\":true");
-            }
-            if k.flags & KLINE_FLAG_EMPTY_SKIPPED != 0 {
-                out.push_str(",\"skipped_empty\":true");
-            }
+            write_kline_markers(out, k, true);
         }
         FrameKind::Trade => {
             let t = frame.trade()?;
