@@ -112,13 +112,7 @@ fn oracle_run(workers: usize, speed: &str) {
     assert!(lines.iter().filter(|v| v["kind"] == "heartbeat" && v["feed"] == "ended").count() >= 3);
 
     // Trades: every recorded trade appears once, field for field.
-    let mut trades: HashMap<String, Vec<CsvTrade>> = HashMap::new();
-    for entry in std::fs::read_dir(&rec).unwrap() {
-        let p = entry.unwrap().path();
-        let name = p.file_name().unwrap().to_str().unwrap();
-        let sym = name.strip_suffix("-trades.csv").unwrap_or_else(|| panic!("unexpected file {name}")).to_owned();
-        trades.insert(sym, read_csv(&p));
-    }
+    let trades = read_dataset(&rec);
     assert_eq!(trades.len(), 3);
     assert_eq!(trades.values().map(Vec::len).sum::<usize>(), 6000);
     let tail_trades: Vec<&&Value> = data.iter().filter(|v| v["kind"] == "trade").collect();

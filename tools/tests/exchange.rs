@@ -67,17 +67,6 @@ fn dataset(dir: &Path, n: usize) -> PathBuf {
     rec
 }
 
-fn read_dataset(dir: &Path) -> HashMap<String, Vec<CsvTrade>> {
-    let mut trades = HashMap::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let p = entry.unwrap().path();
-        let name = p.file_name().unwrap().to_str().unwrap().to_owned();
-        let sym = name.split('-').next().unwrap().to_owned();
-        trades.insert(sym, read_csv(&p));
-    }
-    trades
-}
-
 /// Reads a tail until `want` trades have arrived.
 fn collect_trades(rx: &std::sync::mpsc::Receiver<String>, want: usize, limit: Duration) -> Vec<Value> {
     let mut n = 0;

@@ -198,3 +198,15 @@ pub fn check_klines<'a>(
     }
     (checked, intervals)
 }
+
+/// The trades of a folder of `<SYMBOL>-trades.csv` files (as `--record` writes them), by symbol.
+pub fn read_dataset(dir: &std::path::Path) -> HashMap<String, Vec<CsvTrade>> {
+    let mut trades = HashMap::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let p = entry.unwrap().path();
+        let name = p.file_name().unwrap().to_str().unwrap();
+        let sym = name.strip_suffix("-trades.csv").unwrap_or_else(|| panic!("unexpected file {name}")).to_owned();
+        trades.insert(sym, read_csv(&p));
+    }
+    trades
+}
