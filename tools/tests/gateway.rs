@@ -359,7 +359,10 @@ fn limits_answer_like_binance_and_close_abusers() {
     // Rate: 5 messages/s; a flood gets errors, then a close with a reason.
     let mut ws = connect(&gw.url("/ws"));
     for i in 0..30 {
-        send(&mut ws, &format!(r#"{{"method":"LIST_SUBSCRIPTIONS","id":{i}}}"#));
+        // The server may close before the flood ends: stop at the first failed write.
+        if ws.send(Message::text(format!(r#"{{"method":"LIST_SUBSCRIPTIONS","id":{i}}}"#))).is_err() {
+            break;
+        }
     }
     let mut ok = 0;
     let mut limited = 0;
@@ -428,6 +431,13 @@ fn limits_answer_like_binance_and_close_abusers() {
             Ok(_) => {}
             Err(_) => break,
         }
+    }
+    // Our side of the close: the server waits for it (or end of stream) before freeing the slot.
+    drop(silent);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gw.stats()["connections_open"] != 1 {
+        assert!(Instant::now() < deadline, "the silent client's slot is freed: {}", gw.stats());
+        std::thread::sleep(Duration::from_millis(20));
     }
     send(&mut alive, r#"{"method":"LIST_SUBSCRIPTIONS","id":1}"#);
     if let MaybeTlsStream::Plain(s) = alive.get_ref() {

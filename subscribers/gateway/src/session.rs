@@ -147,6 +147,7 @@ pub async fn run(mut ws: Ws, ctx: Arc<Ctx>, req: ConnRequest, mut shutdown: watc
             tracing::info!(client = id, reason = %reason, "closing client");
             let frame = CloseFrame { code, reason: Utf8Bytes::from(reason) };
             let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(Some(frame))).await;
+            drain_until_closed(&mut ws).await;
         }
         // The close reply is queued by the WebSocket layer; closing flushes it.
         Flow::ClientClosed => {
@@ -160,6 +161,20 @@ pub async fn run(mut ws: Ws, ctx: Arc<Ctx>, req: ConnRequest, mut shutdown: watc
         conflated = client.outbox.stats.conflated.load(Ordering::Relaxed),
         "client disconnected"
     );
+}
+
+/// Completes a close we started: reads (and discards) what the client still sends until its close
+/// reply or end of stream, for at most 2 s. Dropping a socket with unread input makes the kernel
+/// send a reset, which can destroy our close frame (and its reason) before the client reads it.
+async fn drain_until_closed(ws: &mut Ws) {
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Some(Ok(m)) = ws.next().await {
+            if m.is_close() {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 /// Runs a socket write, unless the outbox closes (the client fell too far behind) or the write
@@ -309,6 +324,17 @@ impl Session {
                     }
                     Some(Ok(m)) => match self.on_message(m) {
                         Flow::Continue => {}
+                        Flow::Close(code, reason) => {
+                            // The replies queued before the close (the rate errors) go out first.
+                            if self.client.outbox.take(&mut batch).is_ok() && !batch.is_empty() {
+                                let skip = self.caught_up_to;
+                                if let Ok((n, bytes)) = guarded(&self.client.outbox, stats, limit, write_batch(ws, &mut batch, skip)).await {
+                                    stats.messages_out.fetch_add(n, Ordering::Relaxed);
+                                    stats.bytes_out.fetch_add(bytes, Ordering::Relaxed);
+                                }
+                            }
+                            return Flow::Close(code, reason);
+                        }
                         other => return other,
                     },
                 },
