@@ -132,6 +132,12 @@ impl BusNode {
         Ok(BusNode { bus: bus.to_owned(), node })
     }
 
+    /// Removes the ports and files of this bus's dead processes (a `kill -9`ed subscriber), so
+    /// that publishers stop counting them. Reads the bus's node list: call it from a cold thread.
+    pub fn cleanup_dead_nodes(&self) {
+        let _ = self.node.try_cleanup_dead_nodes();
+    }
+
     pub fn bus(&self) -> &str {
         &self.bus
     }

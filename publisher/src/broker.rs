@@ -13,6 +13,8 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::metrics::BrokerMetrics;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -132,6 +134,7 @@ struct Batcher {
     flush_after_trade: bool,
     /// Every sent sample also goes to the WAL thread.
     wal: Option<WalSink>,
+    metrics: Arc<BrokerMetrics>,
 }
 
 impl Batcher {
@@ -204,6 +207,7 @@ impl Batcher {
         };
         self.writer.push_heartbeat(h, hb).map_err(|_| BrokerRunError::Encode(h.seq))?;
         self.report.heartbeats += 1;
+        self.metrics.heartbeats.store(self.report.heartbeats, Ordering::Relaxed);
         self.send()
     }
 
@@ -224,6 +228,13 @@ impl Batcher {
         self.report.frames += self.writer.frames() as u64;
         self.report.bytes += self.writer.len() as u64;
         self.report.max_subscribers_seen = self.report.max_subscribers_seen.max(reached);
+        // Once per sample, plain stores from this thread only: the scrape thread reads them.
+        let m = &*self.metrics;
+        m.published.store(self.report.frames - self.report.heartbeats, Ordering::Relaxed);
+        m.samples.store(self.report.samples, Ordering::Relaxed);
+        m.bytes.store(self.report.bytes, Ordering::Relaxed);
+        m.last_seq.store(self.next_seq - 1, Ordering::Relaxed);
+        m.subscribers.store(reached as u64, Ordering::Relaxed);
         self.writer.clear();
         self.last_send = Instant::now();
         Ok(reached)
@@ -246,6 +257,8 @@ pub struct BrokerControl {
     pub stop: Arc<AtomicBool>,
     /// Re-read the symbol list (SIGHUP) through the `symbols_source` given to [`run`].
     pub reload: Arc<AtomicBool>,
+    /// Counters for the metrics endpoint.
+    pub metrics: Arc<BrokerMetrics>,
 }
 
 /// Where a reload gets the new symbol list from (the config file, re-read).
@@ -287,7 +300,7 @@ pub fn run(
             }
             next_seq = report.last_seq.map_or(1, |s| s + 1);
             tracing::info!(dir = %w.dir.display(), segments = report.segments, next_seq, "wal open");
-            Some(WalSink::start(wal, 64, config.stream.max_sample_bytes, w.retention)?)
+            Some(WalSink::start(wal, 64, config.stream.max_sample_bytes, w.retention, Arc::clone(&control.metrics))?)
         }
         None => None,
     };
@@ -312,7 +325,11 @@ pub fn run(
         error: None,
         flush_after_trade: false,
         wal,
+        metrics: Arc::clone(&control.metrics),
     };
+    let metrics = &*control.metrics;
+    // Exchange event → ingest means something only when event times are (shifted to) wall time.
+    let ingest_latency = feed.is_live() || matches!(config.clock, ClockMode::Wall);
     let started_at_ns = now_ns();
     let publisher_id = rand::random::<u64>();
     let hb_every = Duration::from_millis(config.heartbeat_ms.max(1));
@@ -394,6 +411,7 @@ pub fn run(
                 }
                 Some(Item::Reconnected) => {
                     out.report.reconnects += 1;
+                    metrics.reconnects.store(out.report.reconnects, Ordering::Relaxed);
                     continue;
                 }
                 None if feed.is_live() => break,
@@ -408,7 +426,11 @@ pub fn run(
             if let Some(r) = recorder.as_mut() {
                 r.write(&t)?;
             }
-            engine.trade(t, now_ns(), &mut |o| out.take(o));
+            let recv_ns = now_ns();
+            if ingest_latency {
+                metrics.ingest_latency.record((recv_ns / 1000 - t.time_us).max(0) as u64, recv_ns);
+            }
+            engine.trade(t, recv_ns, &mut |o| out.take(o));
             out.report.trades += 1;
             event_clock_ms = event_clock_ms.max(t.time_ms());
         }
@@ -436,6 +458,7 @@ pub fn run(
         }
         engine.wait_idle(&mut |o| out.take(o));
         out.flush_after_trade = false;
+        metrics.trades.store(out.report.trades, Ordering::Relaxed);
         if let Some(e) = out.error.take() {
             return Err(e);
         }
@@ -452,6 +475,8 @@ pub fn run(
                 feed_state
             };
             hb.feed_state = shown as u8;
+            metrics.feed_state.store(u64::from(hb.feed_state), Ordering::Relaxed);
+            metrics.symbols_down.store(down_count as u64, Ordering::Relaxed);
             out.heartbeat(&hb)?;
             if let Some(r) = recorder.as_mut() {
                 r.flush()?;
@@ -483,6 +508,8 @@ pub fn run(
     out.flush()?;
     hb.last_seq = out.next_seq - 1;
     hb.feed_state = FeedState::Stopped as u8;
+    metrics.feed_state.store(u64::from(hb.feed_state), Ordering::Relaxed);
+    metrics.ingest_latency.flush(now_ns());
     out.heartbeat(&hb)?;
     if let Some(r) = recorder.as_mut() {
         r.flush()?;

@@ -213,6 +213,25 @@ impl Ingress {
     }
 }
 
+impl Ingress {
+    /// Adds the queue's families to a scrape (`market_dropped_total`, `market_ingress_len`, …).
+    pub fn families(&self, f: &mut mdbus_metrics::Families) {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let st = &self.stats;
+        f.counter("market_dropped_total", "trades dropped by the ingress overload policy", g(&st.dropped_total))
+            .gauge("market_ingress_len", "items in the ingress queue now", self.len() as f64)
+            .gauge("market_ingress_capacity", "capacity of the ingress queue", self.capacity() as f64)
+            .gauge("market_ingress_fill_ratio", "ingress queue length / capacity", self.fill_ratio())
+            .counter("market_ingress_pushed_total", "items pushed into the ingress queue", g(&st.pushed))
+            .counter(
+                "market_backpressure_events_total",
+                "times a connection found the ingress queue full",
+                g(&st.backpressure_events),
+            )
+            .gauge("market_ingress_high_water", "most items ever queued", g(&st.high_water) as f64);
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

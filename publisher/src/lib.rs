@@ -11,6 +11,7 @@ pub mod broker;
 pub mod csvfeed;
 pub mod engine;
 pub mod ingress;
+pub mod metrics;
 pub mod record;
 pub mod source;
 pub mod synthetic;

@@ -17,6 +17,8 @@ use mdbus_schema::{FrameIter, FrameKind};
 use mdbus_wal::{RetentionPolicy, Wal, WalAppendError};
 use rtrb::{Consumer, Producer, RingBuffer};
 
+use crate::metrics::BrokerMetrics;
+
 /// The publish thread's end of the WAL thread.
 pub struct WalSink {
     full: Producer<Vec<u8>>,
@@ -54,6 +56,7 @@ impl WalSink {
         buffers: usize,
         buffer_bytes: usize,
         retention: RetentionPolicy,
+        metrics: Arc<BrokerMetrics>,
     ) -> Result<WalSink, WalThreadStartError> {
         let (full, mut from_publisher) = RingBuffer::<Vec<u8>>::new(buffers);
         let (mut to_publisher, empty) = RingBuffer::<Vec<u8>>::new(buffers);
@@ -69,19 +72,33 @@ impl WalSink {
             loop {
                 match from_publisher.pop() {
                     Ok(mut buf) => {
+                        let (mut records, mut bytes) = (0u64, 0u64);
                         for frame in FrameIter::new(&buf) {
                             let frame = frame.map_err(WalSinkError::Frame)?;
                             if frame.kind() != FrameKind::Heartbeat {
                                 wal.append(frame.seq(), frame.raw())?;
-                                appended += 1;
+                                records += 1;
+                                bytes += frame.raw().len() as u64;
                             }
                         }
+                        appended += records;
+                        let syncs = wal.syncs();
+                        let t0 = Instant::now();
                         wal.commit()?;
+                        if wal.syncs() != syncs {
+                            let now = crate::broker::now_ns();
+                            metrics.wal_fsync_latency.record(t0.elapsed().as_micros() as u64, now);
+                            metrics.wal_syncs.store(wal.syncs(), Ordering::Relaxed);
+                        }
+                        metrics.wal_records.fetch_add(records, Ordering::Relaxed);
+                        metrics.wal_bytes.fetch_add(bytes, Ordering::Relaxed);
+                        metrics.wal_commits.fetch_add(1, Ordering::Relaxed);
                         buf.clear();
                         let _ = to_publisher.push(buf);
                     }
                     Err(_) if st.load(Ordering::Acquire) => {
                         wal.commit()?;
+                        metrics.wal_fsync_latency.flush(crate::broker::now_ns());
                         return Ok(appended);
                     }
                     Err(_) => std::thread::sleep(Duration::from_micros(200)),
@@ -90,6 +107,7 @@ impl WalSink {
                     last_retention = Instant::now();
                     // The acked floor comes with durable consumers (the batch writer).
                     if let Ok(gone) = wal.retain(&retention, None) {
+                        metrics.wal_segments_removed.fetch_add(gone.len() as u64, Ordering::Relaxed);
                         for p in gone {
                             tracing::info!(file = %p.display(), "wal segment removed by retention");
                         }

@@ -86,6 +86,13 @@ impl Liveness {
         }
     }
 
+    /// Heartbeat intervals of silence now (0 while frames arrive on time).
+    pub fn heartbeats_missed(&self, now: Instant) -> u64 {
+        let Some(seen) = self.last_seen else { return 0 };
+        let silent = now.saturating_duration_since(seen);
+        (silent.as_nanos() / self.interval.as_nanos().max(1)) as u64
+    }
+
     pub fn feed_state(&self) -> FeedState {
         self.feed
     }

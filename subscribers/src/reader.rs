@@ -301,6 +301,11 @@ impl Reader {
         self.liveness.feed_state()
     }
 
+    /// Heartbeat intervals the publisher has been silent for (0 while healthy).
+    pub fn heartbeats_missed(&self) -> u64 {
+        self.liveness.heartbeats_missed(Instant::now())
+    }
+
     /// The next seq this reader expects (`None` before the first frame).
     pub fn next_seq(&self) -> Option<u64> {
         self.tracker.next_expected()

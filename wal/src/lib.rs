@@ -16,5 +16,14 @@ pub use format::{Durability, DurabilityParseError, RECORD_ALIGN, RECORD_HEADER_L
 pub use reader::{check, Corruption, RecordRef, WalReadError, WalReader};
 pub use writer::{RecoveryReport, RetentionPolicy, Truncation, Wal, WalAppendError, WalOpenError, WalOptions};
 
+/// The segment files in `dir` now (0 if it cannot be read).
+pub fn segment_count(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir).map_or(0, |d| {
+        d.filter_map(Result::ok)
+            .filter(|e| e.file_name().to_str().and_then(format::parse_segment_name).is_some())
+            .count()
+    })
+}
+
 /// A sequence number (the stream's, carried by every record).
 pub type Seq = u64;

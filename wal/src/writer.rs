@@ -98,6 +98,8 @@ pub struct Wal {
     records_in_segment: u64,
     next_seq: Option<Seq>,
     last_sync: Instant,
+    /// Data syncs done so far (commit per the durability policy and segment rolls).
+    syncs: u64,
     unsynced: bool,
 }
 
@@ -216,6 +218,7 @@ impl Wal {
             records_in_segment: records,
             next_seq: last.map(|s| s + 1),
             last_sync: Instant::now(),
+            syncs: 0,
             unsynced: false,
         }
     }
@@ -272,6 +275,7 @@ impl Wal {
             self.file.get_ref().sync_data().map_err(&e)?;
             self.last_sync = Instant::now();
             self.unsynced = false;
+            self.syncs += 1;
         }
         Ok(())
     }
@@ -331,6 +335,11 @@ impl Wal {
             deleted.push(path.clone());
         }
         Ok(deleted)
+    }
+
+    /// Data syncs done so far (for the fsync metrics).
+    pub fn syncs(&self) -> u64 {
+        self.syncs
     }
 
     pub fn dir(&self) -> &Path {

@@ -134,6 +134,24 @@ impl LiveStats {
     }
 }
 
+impl LiveStats {
+    /// Adds the exchange connections' families to a scrape.
+    pub fn families(&self, f: &mut mdbus_metrics::Families) {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        f.counter("broker_reconnect_total", "reconnects to the exchange", g(&self.reconnects))
+            .counter("exchange_connects_total", "exchange connections established", g(&self.connects))
+            .counter("exchange_connect_failures_total", "failed connection attempts", g(&self.connect_failures))
+            .counter("exchange_trades_total", "trades received from the exchange", g(&self.trades))
+            .counter("exchange_malformed_total", "malformed exchange messages skipped", g(&self.malformed))
+            .counter("exchange_duplicates_total", "duplicate trades dropped", g(&self.duplicates))
+            .counter("exchange_gaps_total", "trade-id gaps seen after a reconnect", g(&self.gaps))
+            .counter("exchange_backfilled_total", "trades recovered over REST", g(&self.backfilled))
+            .counter("exchange_backfill_failures_total", "REST backfills that failed", g(&self.backfill_failures))
+            .counter("exchange_outage_ms_total", "time without data across outages, ms", g(&self.outage_ms_total))
+            .gauge("exchange_last_outage_ms", "length of the last outage, ms", g(&self.last_outage_ms) as f64);
+    }
+}
+
 /// Starts the connections on their own thread. They run until `stop`.
 pub fn start(
     cfg: LiveConfig,

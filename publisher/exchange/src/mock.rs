@@ -89,6 +89,23 @@ pub struct MockStats {
 }
 
 impl MockStats {
+    /// Adds the mock exchange's families to a scrape.
+    pub fn families(&self, f: &mut mdbus_metrics::Families) {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        f.counter("mock_trades_total", "trades generated or read", g(&self.trades))
+            .counter("mock_connections_total", "WebSocket connections accepted", g(&self.connections))
+            .counter("mock_messages_total", "WebSocket messages sent", g(&self.messages))
+            .counter("mock_dropped_total", "connections dropped on purpose (fault injection)", g(&self.dropped))
+            .counter("mock_stalls_total", "stalls injected", g(&self.stalls))
+            .counter("mock_garbage_total", "malformed messages injected", g(&self.garbage))
+            .counter("mock_duplicates_total", "duplicate messages injected", g(&self.duplicates))
+            .counter("mock_reorders_total", "reordered message pairs injected", g(&self.reorders))
+            .counter("mock_shutdowns_total", "serverShutdown events sent", g(&self.shutdowns))
+            .counter("mock_lagged_total", "trades a slow connection missed", g(&self.lagged))
+            .counter("mock_rest_requests_total", "REST requests served", g(&self.rest_requests))
+            .gauge("mock_source_done", "1 once a dataset source is exhausted", g(&self.source_done) as f64);
+    }
+
     pub fn to_json(&self) -> serde_json::Value {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         serde_json::json!({
@@ -216,7 +233,7 @@ fn generate(mut g: Gen, sh: Arc<Shared>, stop: Arc<AtomicBool>) {
 pub fn run(
     cfg: MockConfig,
     stop: Arc<AtomicBool>,
-    ready: impl FnOnce(SocketAddr),
+    ready: impl FnOnce(SocketAddr, &Arc<MockStats>),
 ) -> Result<Arc<MockStats>, MockError> {
     let (generator, names) = match &cfg.source {
         MockSource::Synthetic(s) => {
@@ -249,7 +266,7 @@ pub fn run(
         let listener = tokio::net::TcpListener::bind(sh.cfg.listen)
             .await
             .map_err(|source| MockError::Listen { addr: sh.cfg.listen, source })?;
-        ready(listener.local_addr()?);
+        ready(listener.local_addr()?, &sh.stats);
         let gen_sh = Arc::clone(&sh);
         let gen_stop = Arc::clone(&stop);
         let gen =

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use mdbus_metrics::{Families, Latency};
 use mdbus_schema::json::TimeUnit;
 use mdbus_schema::{FeedState, FrameKind, FrameRef, Symbol};
 use mdbus_subscribers::{Health, Reader, WaitMode};
@@ -65,7 +66,7 @@ pub enum Command {
 }
 
 /// Counters of the gateway, shared by the hub, the server and the client tasks.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct GatewayStats {
     pub connections_open: AtomicU64,
     pub connections_total: AtomicU64,
@@ -85,6 +86,54 @@ pub struct GatewayStats {
     pub resumes: AtomicU64,
     pub resumed_frames: AtomicU64,
     pub rest_requests: AtomicU64,
+    /// The hub's reader: sequence checks and silence (stored once per batch).
+    pub seq_gaps: AtomicU64,
+    pub seq_missing: AtomicU64,
+    pub seq_duplicates: AtomicU64,
+    pub seq_reordered: AtomicU64,
+    pub publisher_restarts: AtomicU64,
+    pub heartbeats_missed: AtomicU64,
+    /// Publish → read by the hub (µs), one value per frame.
+    pub fanout_latency: Arc<Latency>,
+    /// Exchange event → written to a client's socket (µs), one value per message sent.
+    pub e2e_latency: Arc<Latency>,
+}
+
+impl Default for GatewayStats {
+    fn default() -> Self {
+        let z = || AtomicU64::new(0);
+        GatewayStats {
+            connections_open: z(),
+            connections_total: z(),
+            connections_refused: z(),
+            frames_in: z(),
+            decode_errors: z(),
+            messages_queued: z(),
+            messages_out: z(),
+            bytes_out: z(),
+            conflated: z(),
+            disconnected_slow: z(),
+            disconnected_abuse: z(),
+            disconnected_pong_timeout: z(),
+            requests: z(),
+            request_errors: z(),
+            rate_limited: z(),
+            resumes: z(),
+            resumed_frames: z(),
+            rest_requests: z(),
+            seq_gaps: z(),
+            seq_missing: z(),
+            seq_duplicates: z(),
+            seq_reordered: z(),
+            publisher_restarts: z(),
+            heartbeats_missed: z(),
+            fanout_latency: Latency::new("fanout_latency_us", "broker publish to read by the gateway, microseconds"),
+            e2e_latency: Latency::new(
+                "e2e_latency_us",
+                "exchange event time to written to a WebSocket client, microseconds",
+            ),
+        }
+    }
 }
 
 impl GatewayStats {
@@ -144,6 +193,86 @@ pub struct HubState {
 }
 
 impl HubState {
+    /// Adds the gateway's families to a scrape.
+    pub fn families(&self, f: &mut Families) {
+        let st = &self.stats;
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let health = self.health();
+        f.gauge(
+            "market_publisher_health",
+            "publisher health seen from heartbeats: 0 unknown, 1 healthy, 2 degraded, 3 failed",
+            f64::from(health_code(health)),
+        );
+        for h in [Health::Unknown, Health::Healthy, Health::Degraded, Health::Failed] {
+            f.gauge_with(
+                "market_publisher_health_state",
+                "1 for the current publisher health",
+                &[("state", h.as_str())],
+                f64::from(u8::from(h == health)),
+            );
+        }
+        f.gauge(
+            "market_feed_state",
+            "feed state from heartbeats: 0 unknown, 1 live, 2 down, 3 ended, 4 stopped",
+            f64::from(self.feed() as u8),
+        )
+        .gauge_with(
+            "market_last_seq",
+            "last sequence number seen, per stream",
+            &[("stream", "realtime")],
+            self.last_seq().unwrap_or(0) as f64,
+        )
+        .counter("market_frames_received_total", "frames read from the bus", g(&st.frames_in))
+        .counter("market_decode_errors_total", "frames that failed to decode", g(&st.decode_errors))
+        .counter("market_seq_gaps_total", "sequence gaps detected", g(&st.seq_gaps))
+        .gauge("market_seq_missing", "frames counted missing and not recovered", g(&st.seq_missing) as f64)
+        .counter("market_seq_duplicates_total", "duplicate frames detected", g(&st.seq_duplicates))
+        .counter("market_seq_reordered_total", "frames that arrived out of order", g(&st.seq_reordered))
+        .counter(
+            "market_publisher_restarts_total",
+            "publisher restarts seen (new publisher id)",
+            g(&st.publisher_restarts),
+        )
+        .gauge(
+            "market_heartbeats_missed",
+            "heartbeat intervals of publisher silence now",
+            g(&st.heartbeats_missed) as f64,
+        )
+        .gauge("gateway_connections", "WebSocket connections open", g(&st.connections_open) as f64)
+        .counter("gateway_connections_total", "WebSocket connections accepted", g(&st.connections_total))
+        .counter("gateway_connections_refused_total", "connections refused (limit or auth)", g(&st.connections_refused))
+        .counter("gateway_messages_queued_total", "messages queued to clients", g(&st.messages_queued))
+        .counter("gateway_messages_out_total", "messages written to clients", g(&st.messages_out))
+        .counter("gateway_bytes_out_total", "bytes written to clients", g(&st.bytes_out))
+        .counter("gateway_conflated_total", "K-line updates superseded in a slow client's queue", g(&st.conflated))
+        .counter_with(
+            "gateway_disconnected_total",
+            "clients disconnected by the gateway, by reason",
+            &[("reason", "slow")],
+            g(&st.disconnected_slow),
+        )
+        .counter_with(
+            "gateway_disconnected_total",
+            "clients disconnected by the gateway, by reason",
+            &[("reason", "abuse")],
+            g(&st.disconnected_abuse),
+        )
+        .counter_with(
+            "gateway_disconnected_total",
+            "clients disconnected by the gateway, by reason",
+            &[("reason", "pong_timeout")],
+            g(&st.disconnected_pong_timeout),
+        )
+        .counter("gateway_requests_total", "client requests", g(&st.requests))
+        .counter("gateway_request_errors_total", "client requests answered with an error", g(&st.request_errors))
+        .counter("gateway_rate_limited_total", "client messages over the rate limit", g(&st.rate_limited))
+        .counter("gateway_resumes_total", "fromSeq resumes", g(&st.resumes))
+        .counter("gateway_resumed_frames_total", "frames sent from the log in resumes", g(&st.resumed_frames))
+        .counter("gateway_rest_requests_total", "REST requests", g(&st.rest_requests))
+        .latency(&st.fanout_latency)
+        .latency(&st.e2e_latency);
+    }
+
     pub fn health(&self) -> Health {
         health_from_code(self.health.load(Ordering::Relaxed))
     }
@@ -236,6 +365,8 @@ impl Fanout {
         if frame.kind() == FrameKind::Heartbeat {
             return;
         }
+        let now = crate::now_ns();
+        stats.fanout_latency.record(((now - frame.header.ts_publish_ns) / 1000).max(0) as u64, now);
         let Some(key) = frame_key(frame) else {
             stats.decode_errors.fetch_add(1, Ordering::Relaxed);
             return;
@@ -258,7 +389,7 @@ impl Fanout {
                 stats.decode_errors.fetch_add(1, Ordering::Relaxed);
                 break;
             };
-            match c.outbox.push(&key, update, Entry::new(msg, seq)) {
+            match c.outbox.push(&key, update, Entry::new(msg, seq).event_time(frame.header.ts_event_ns)) {
                 Pushed::Queued { first } => {
                     stats.messages_queued.fetch_add(1, Ordering::Relaxed);
                     if first {
@@ -368,6 +499,14 @@ pub fn run(
         if let Some(n) = reader.next_seq() {
             state.next_seq.store(n, Ordering::Relaxed);
         }
+        let rs = reader.stats();
+        let st = &state.stats;
+        st.seq_gaps.store(rs.seq.gaps, Ordering::Relaxed);
+        st.seq_missing.store(rs.seq.missing, Ordering::Relaxed);
+        st.seq_duplicates.store(rs.seq.duplicates, Ordering::Relaxed);
+        st.seq_reordered.store(rs.seq.reordered, Ordering::Relaxed);
+        st.publisher_restarts.store(rs.publisher_restarts, Ordering::Relaxed);
+        st.heartbeats_missed.store(reader.heartbeats_missed(), Ordering::Relaxed);
         let now = (reader.health(), reader.feed_state());
         if now != last_health {
             tracing::info!(health = now.0.as_str(), feed = now.1.as_str(), "publisher health changed");

@@ -118,12 +118,12 @@ impl Ctx {
     }
 }
 
-/// Runs the gateway until `stop` is set. `ready` is called with the bound address once clients
-/// can connect. Returns the final counters.
+/// Runs the gateway until `stop` is set. `ready` is called with the bound address and the live
+/// state (counters, health) once clients can connect. Returns the final counters.
 pub fn run(
     cfg: GatewayConfig,
     stop: Arc<AtomicBool>,
-    ready: impl FnOnce(SocketAddr),
+    ready: impl FnOnce(SocketAddr, &Arc<HubState>),
 ) -> Result<Arc<HubState>, GatewayError> {
     if !cfg.listen.ip().is_loopback() && cfg.token.is_none() {
         return Err(GatewayError::NoToken(cfg.listen));
@@ -174,7 +174,7 @@ pub fn run(
             .await
             .map_err(|source| GatewayError::Listen { addr: cfg.listen, source })?;
         let addr = listener.local_addr()?;
-        ready(addr);
+        ready(addr, &state);
         let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
         let server = tokio::spawn(server::serve(listener, Arc::clone(&ctx), shutdown_rx));
         while !stop.load(Ordering::Relaxed) {

@@ -42,6 +42,8 @@ pub struct Entry {
     pub msg: Utf8Bytes,
     /// Bus seq of the frame (0 for replies and health events).
     pub seq: u64,
+    /// The frame's exchange event time (ns; 0 for replies and health events).
+    pub ts_event_ns: i64,
     /// Superseded by a newer update of the same K-line queued after it: not sent.
     pub dead: bool,
     /// The stream, and whether this is an open K-line's update (set by [`Outbox::push`]).
@@ -50,7 +52,11 @@ pub struct Entry {
 
 impl Entry {
     pub fn new(msg: Utf8Bytes, seq: u64) -> Entry {
-        Entry { msg, seq, dead: false, key: None }
+        Entry { msg, seq, ts_event_ns: 0, dead: false, key: None }
+    }
+
+    pub fn event_time(self, ts_event_ns: i64) -> Entry {
+        Entry { ts_event_ns, ..self }
     }
 }
 

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
+use mdbus_metrics::Latency;
 use mdbus_schema::json::TimeUnit;
 use mdbus_schema::FrameRef;
 use mdbus_wal::WalReader;
@@ -197,17 +198,33 @@ async fn guarded<T>(
     }
 }
 
-async fn write_batch(ws: &mut Ws, batch: &mut VecDeque<Entry>, skip_to: u64) -> Result<(u64, u64), ()> {
+/// Writes a batch and flushes it; then records exchange event → sent for the live entries
+/// (`sent`: a buffer kept by the caller, so that nothing is allocated per batch once warm).
+async fn write_batch(
+    ws: &mut Ws,
+    batch: &mut VecDeque<Entry>,
+    skip_to: u64,
+    sent: &mut Vec<i64>,
+    e2e: &Latency,
+) -> Result<(u64, u64), ()> {
     let (mut n, mut bytes) = (0u64, 0u64);
+    sent.clear();
     for e in batch.drain(..) {
         if e.dead || (e.seq != 0 && e.seq <= skip_to) {
             continue;
         }
         n += 1;
         bytes += e.msg.len() as u64;
+        if e.ts_event_ns > 0 {
+            sent.push(e.ts_event_ns);
+        }
         ws.feed(Message::Text(e.msg)).await.map_err(|_| ())?;
     }
     ws.flush().await.map_err(|_| ())?;
+    let now = crate::now_ns();
+    for t in sent.drain(..) {
+        e2e.record(((now - t) / 1000).max(0) as u64, now);
+    }
     Ok((n, bytes))
 }
 
@@ -275,8 +292,13 @@ impl Session {
                             self.caught_up_to = self.caught_up_to.max(last.seq);
                         }
                         let limit = self.ctx.cfg.pong_timeout;
-                        let (sent, bytes) =
-                            guarded(&self.client.outbox, stats, limit, write_batch(ws, &mut batch, 0)).await?;
+                        let (sent, bytes) = guarded(
+                            &self.client.outbox,
+                            stats,
+                            limit,
+                            write_batch(ws, &mut batch, 0, &mut Vec::new(), &stats.e2e_latency),
+                        )
+                        .await?;
                         stats.resumed_frames.fetch_add(n, Ordering::Relaxed);
                         stats.messages_out.fetch_add(sent, Ordering::Relaxed);
                         stats.bytes_out.fetch_add(bytes, Ordering::Relaxed);
@@ -299,6 +321,7 @@ impl Session {
         let ctx = Arc::clone(&self.ctx);
         let stats = &ctx.state.stats;
         let mut batch = VecDeque::new();
+        let mut sent = Vec::new();
         let period = self.ctx.cfg.ping_interval;
         let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -328,7 +351,7 @@ impl Session {
                             // The replies queued before the close (the rate errors) go out first.
                             if self.client.outbox.take(&mut batch).is_ok() && !batch.is_empty() {
                                 let skip = self.caught_up_to;
-                                if let Ok((n, bytes)) = guarded(&self.client.outbox, stats, limit, write_batch(ws, &mut batch, skip)).await {
+                                if let Ok((n, bytes)) = guarded(&self.client.outbox, stats, limit, write_batch(ws, &mut batch, skip, &mut sent, &stats.e2e_latency)).await {
                                     stats.messages_out.fetch_add(n, Ordering::Relaxed);
                                     stats.bytes_out.fetch_add(bytes, Ordering::Relaxed);
                                 }
@@ -356,7 +379,7 @@ impl Session {
                         continue;
                     }
                     let skip = self.caught_up_to;
-                    match guarded(&self.client.outbox, stats, limit, write_batch(ws, &mut batch, skip)).await {
+                    match guarded(&self.client.outbox, stats, limit, write_batch(ws, &mut batch, skip, &mut sent, &stats.e2e_latency)).await {
                         Ok((n, bytes)) => {
                             stats.messages_out.fetch_add(n, Ordering::Relaxed);
                             stats.bytes_out.fetch_add(bytes, Ordering::Relaxed);

@@ -98,6 +98,9 @@ pub struct BrokerArgs {
     /// Do not keep a write-ahead log (sequence numbers restart at 1 on every start).
     #[arg(long)]
     pub no_wal: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9100; port 0: any free).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
 }
 
 pub fn parse_symbols(s: &str) -> Result<Vec<String>> {
@@ -276,9 +279,39 @@ fn live_config(cfg: &Config, a: &BrokerArgs, symbols: Vec<String>) -> Result<Liv
     Ok(c)
 }
 
+/// Every 2 s, removes the ports of this bus's dead processes, so that a `kill -9`ed subscriber
+/// leaves `market_subscriber_count` (and stops holding samples). Off the publish thread: it reads
+/// the bus's node list.
+fn spawn_janitor(bus: &str, stop: Arc<std::sync::atomic::AtomicBool>) {
+    let bus = bus.to_owned();
+    let _ = std::thread::Builder::new().name("bus-janitor".into()).spawn(move || {
+        let node = match mdbus_bus::BusNode::open(&bus, "broker-janitor") {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, "dead-process cleanup not running");
+                return;
+            }
+        };
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(200));
+            node.cleanup_dead_nodes();
+            for _ in 0..9 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    });
+}
+
 pub fn run(cli: &Cli, a: &BrokerArgs) -> Result<ExitCode> {
     let (config, live_cfg) = broker_config(cli, a)?;
-    let control = BrokerControl { stop: crate::signals::stop_flag()?, reload: crate::signals::reload_flag()? };
+    let control = BrokerControl {
+        stop: crate::signals::stop_flag()?,
+        reload: crate::signals::reload_flag()?,
+        metrics: Arc::default(),
+    };
     tracing::info!(bus = %config.bus, source = %config.source.describe(), clock = ?config.clock, workers = config.workers, "broker starting");
     let mut live = None;
     if let (SourceConfig::Live { ingress, .. }, Some(lc)) = (&config.source, live_cfg) {
@@ -287,6 +320,30 @@ pub fn run(cli: &Cli, a: &BrokerArgs) -> Result<ExitCode> {
             mdbus_exchange::client::start(lc, Arc::clone(ingress), Arc::clone(&control.stop))?,
             Arc::clone(ingress),
         ));
+    }
+    if let Some(addr) = &a.metrics {
+        let m = Arc::clone(&control.metrics);
+        let ingress = match &config.source {
+            SourceConfig::Live { ingress, .. } => Some(Arc::clone(ingress)),
+            _ => None,
+        };
+        let exchange = live.as_ref().map(|((_, stats), _)| Arc::clone(stats));
+        mdbus_metrics::serve(addr, move || {
+            let mut f = mdbus_metrics::Families::new();
+            m.families(&mut f);
+            if let Some(i) = &ingress {
+                i.families(&mut f);
+            }
+            match &exchange {
+                Some(x) => x.families(&mut f),
+                None => {
+                    let n = m.reconnects.load(std::sync::atomic::Ordering::Relaxed);
+                    f.counter("broker_reconnect_total", "reconnects to the exchange", n);
+                }
+            }
+            f
+        })?;
+        spawn_janitor(&config.bus, Arc::clone(&control.stop));
     }
     // SIGHUP re-reads the config file's broker.symbols (add / remove symbols while running).
     let file = cli.config.clone();

@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -16,6 +17,9 @@ use crate::Cli;
 
 #[derive(Debug, Args)]
 pub struct GatewayArgs {
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9101; port 0: any free).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
     /// Address for WebSocket and REST clients (port 0: any free port) [config: gateway.listen].
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
@@ -109,11 +113,28 @@ pub fn run(cli: &Cli, a: &GatewayArgs) -> Result<ExitCode> {
     raise_fd_limit(c.max_connections);
     let stop = crate::signals::stop_flag()?;
     let bus = c.bus.clone();
-    let state = mdbus_gateway::run(c, stop, |addr| {
+    let mut metrics_err = None;
+    let state = mdbus_gateway::run(c, Arc::clone(&stop), |addr, state| {
+        if let Some(m) = &a.metrics {
+            let state = Arc::clone(state);
+            if let Err(e) = mdbus_metrics::serve(m, move || {
+                let mut f = mdbus_metrics::Families::new();
+                state.families(&mut f);
+                f
+            }) {
+                // Stop before announcing the address: a gateway without its metrics is refused.
+                metrics_err = Some(e);
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                return;
+            }
+        }
         println!("gateway listening on ws://{addr} (bus {bus}; streams at /ws/<stream>, /stream?streams=a/b)");
         use std::io::Write;
         let _ = std::io::stdout().flush();
     })?;
+    if let Some(e) = metrics_err {
+        return Err(e.into());
+    }
     println!("{}", serde_json::json!({ "gateway": state.stats.to_json() }));
     Ok(ExitCode::SUCCESS)
 }

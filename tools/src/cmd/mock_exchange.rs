@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
@@ -15,6 +16,9 @@ use crate::Cli;
 
 #[derive(Debug, Args)]
 pub struct MockExchangeArgs {
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9102; port 0: any free).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
     /// Address to serve WebSocket and REST on (port 0: any free port).
     #[arg(long, default_value = "127.0.0.1:9000")]
     pub listen: SocketAddr,
@@ -107,11 +111,27 @@ pub fn run(_cli: &Cli, a: &MockExchangeArgs) -> Result<ExitCode> {
         wait_for_client: a.wait_for_client,
     };
     let stop = crate::signals::stop_flag()?;
-    let stats = mock::run(cfg, stop, |addr| {
+    let mut metrics_err = None;
+    let stats = mock::run(cfg, Arc::clone(&stop), |addr, stats| {
+        if let Some(m) = &a.metrics {
+            let stats = Arc::clone(stats);
+            if let Err(e) = mdbus_metrics::serve(m, move || {
+                let mut f = mdbus_metrics::Families::new();
+                stats.families(&mut f);
+                f
+            }) {
+                metrics_err = Some(e);
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                return;
+            }
+        }
         println!("mock exchange listening on ws://{addr} (REST on http://{addr})");
         use std::io::Write;
         let _ = std::io::stdout().flush();
     })?;
+    if let Some(e) = metrics_err {
+        return Err(e.into());
+    }
     println!("{}", serde_json::json!({ "mock_exchange": stats.to_json() }));
     Ok(ExitCode::SUCCESS)
 }

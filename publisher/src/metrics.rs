@@ -1,0 +1,103 @@
+//! The broker's counters: written by the publish thread (once per sample, not per frame), the WAL
+//! thread (once per commit) and the ingest loop (one latency value per trade, into a thread-local
+//! histogram); read by the metrics endpoint's thread when a scrape arrives.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crossbeam_utils::CachePadded;
+use mdbus_metrics::{Families, Latency};
+
+/// Live counters of a running broker.
+#[derive(Debug)]
+pub struct BrokerMetrics {
+    /// Data frames published (trades, K-line updates and closes).
+    pub published: CachePadded<AtomicU64>,
+    pub samples: AtomicU64,
+    pub bytes: AtomicU64,
+    pub heartbeats: AtomicU64,
+    pub trades: CachePadded<AtomicU64>,
+    pub last_seq: AtomicU64,
+    /// Subscribers the last sample reached.
+    pub subscribers: AtomicU64,
+    pub reconnects: AtomicU64,
+    /// The feed state last announced (`FeedState` as a number).
+    pub feed_state: AtomicU64,
+    /// Symbols whose live feed is down now.
+    pub symbols_down: AtomicU64,
+    pub wal_records: AtomicU64,
+    pub wal_bytes: AtomicU64,
+    pub wal_commits: AtomicU64,
+    pub wal_syncs: AtomicU64,
+    pub wal_segments_removed: AtomicU64,
+    /// Exchange event → ingest (µs), one value per trade.
+    pub ingest_latency: Arc<Latency>,
+    /// Time of one WAL commit that synced data to disk (µs).
+    pub wal_fsync_latency: Arc<Latency>,
+}
+
+impl Default for BrokerMetrics {
+    fn default() -> Self {
+        BrokerMetrics {
+            published: CachePadded::new(AtomicU64::new(0)),
+            samples: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            heartbeats: AtomicU64::new(0),
+            trades: CachePadded::new(AtomicU64::new(0)),
+            last_seq: AtomicU64::new(0),
+            subscribers: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+            feed_state: AtomicU64::new(0),
+            symbols_down: AtomicU64::new(0),
+            wal_records: AtomicU64::new(0),
+            wal_bytes: AtomicU64::new(0),
+            wal_commits: AtomicU64::new(0),
+            wal_syncs: AtomicU64::new(0),
+            wal_segments_removed: AtomicU64::new(0),
+            ingest_latency: Latency::new(
+                "ingest_latency_us",
+                "exchange event time to ingest by the broker, microseconds",
+            ),
+            wal_fsync_latency: Latency::new(
+                "wal_fsync_latency_us",
+                "WAL commits that synced data to disk, microseconds",
+            ),
+        }
+    }
+}
+
+impl BrokerMetrics {
+    /// Adds the broker's families to a scrape.
+    pub fn families(&self, f: &mut Families) {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        f.counter("market_published_total", "data frames published on the real-time stream", g(&self.published))
+            .counter(
+                "market_samples_total",
+                "shared-memory samples sent (frames are batched per sample)",
+                g(&self.samples),
+            )
+            .counter("market_published_bytes_total", "bytes of frames published", g(&self.bytes))
+            .counter("market_heartbeats_total", "heartbeats published", g(&self.heartbeats))
+            .counter("market_trades_total", "trades ingested", g(&self.trades))
+            .gauge_with(
+                "market_last_seq",
+                "last sequence number published, per stream",
+                &[("stream", "realtime")],
+                g(&self.last_seq) as f64,
+            )
+            .gauge("market_subscriber_count", "subscribers the last sample reached", g(&self.subscribers) as f64)
+            .gauge(
+                "broker_feed_state",
+                "feed state announced in heartbeats: 0 unknown, 1 live, 2 down, 3 ended, 4 stopped",
+                g(&self.feed_state) as f64,
+            )
+            .gauge("broker_symbols_down", "symbols whose live feed is down now", g(&self.symbols_down) as f64)
+            .counter("wal_records_total", "frames appended to the WAL", g(&self.wal_records))
+            .counter("wal_bytes_total", "frame bytes appended to the WAL", g(&self.wal_bytes))
+            .counter("wal_commits_total", "WAL group commits (one per sample)", g(&self.wal_commits))
+            .counter("wal_fsync_total", "WAL data syncs to disk", g(&self.wal_syncs))
+            .counter("wal_segments_removed_total", "WAL segments removed by retention", g(&self.wal_segments_removed))
+            .latency(&self.ingest_latency)
+            .latency(&self.wal_fsync_latency);
+    }
+}
