@@ -10,10 +10,12 @@
 
 #![forbid(unsafe_code)]
 
+mod client;
 mod exposition;
 mod latency;
 mod server;
 
+pub use client::{scrape, ScrapeError};
 pub use exposition::{parse_text, Families, Sample};
 pub use latency::{Latency, LatencySnapshot};
 pub use server::{serve, MetricsServer, MetricsServerError};

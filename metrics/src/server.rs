@@ -137,6 +137,8 @@ mod tests {
         })
         .unwrap();
         assert!(get(server.addr(), "/metrics").contains("things_total 0"));
+        let s = crate::scrape(&server.addr().to_string(), Duration::from_secs(5)).unwrap();
+        assert_eq!((s[0].name.as_str(), s[0].value), ("things_total", 0.0));
         n.store(5, Ordering::Relaxed);
         let r = get(server.addr(), "/metrics");
         assert!(r.starts_with("HTTP/1.1 200"), "{r}");

@@ -22,6 +22,28 @@ pub struct Config {
     pub wal: WalSection,
     #[serde(default)]
     pub gateway: GatewaySection,
+    #[serde(default)]
+    pub metrics: MetricsSection,
+}
+
+/// Prometheus endpoints: the addresses `mdbus demo` gives its processes and `mdbus stats` reads.
+/// (A process started on its own serves metrics only with `--metrics ADDR`.)
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSection {
+    pub broker: String,
+    pub gateway: String,
+    pub mock_exchange: String,
+}
+
+impl Default for MetricsSection {
+    fn default() -> Self {
+        MetricsSection {
+            broker: "127.0.0.1:9100".into(),
+            gateway: "127.0.0.1:9101".into(),
+            mock_exchange: "127.0.0.1:9102".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

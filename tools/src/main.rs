@@ -64,6 +64,8 @@ pub enum Command {
     Tail(cmd::tail::TailArgs),
     /// Print frames from the write-ahead log (`--from-seq N`, `--to-seq M`, `--follow`).
     Replay(cmd::replay::ReplayArgs),
+    /// A live table of the bus from the processes' metrics endpoints.
+    Stats(cmd::stats::StatsArgs),
     /// Measure the bus against raw iceoryx2 and a Unix socket in the same run.
     Bench(cmd::bench::BenchArgs),
     /// Benchmark helper process (started by `mdbus bench`).
@@ -91,6 +93,7 @@ fn main() -> ExitCode {
         Command::MockExchange(a) => cmd::mock_exchange::run(&cli, a),
         Command::Tail(a) => cmd::tail::run(&cli, a),
         Command::Replay(a) => cmd::replay::run(&cli, a),
+        Command::Stats(a) => cmd::stats::run(&cli, a),
         Command::Bench(a) => cmd::bench::run(&cli, a),
         Command::BenchPeer(a) => cmd::bench::peer(&cli, a),
     };

@@ -143,9 +143,11 @@ fn tail_without_a_publisher_times_out_with_an_error_and_bad_flags_are_named() {
 #[test]
 fn demo_shows_data_and_stops_cleanly() {
     let bus = unique_bus("demo");
+    let dir = TempDir::new("demo");
+    let conf = demo_config(&dir);
     let out = Command::new(EXE)
         .env("MDBUS_DATA_DIR", data_root())
-        .args(["demo", "--bus", &bus, "--duration", "3", "--gateway-listen", "127.0.0.1:0"])
+        .args(["demo", "--bus", &bus, "--config", &conf, "--duration", "3", "--gateway-listen", "127.0.0.1:0"])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -165,7 +167,9 @@ fn demo_shows_data_and_stops_cleanly() {
 #[test]
 fn demo_stops_every_process_and_its_shared_memory_on_ctrl_c() {
     let bus = unique_bus("demoint");
-    let mut demo = Proc::spawn("demo", &["demo", "--bus", &bus, "--gateway-listen", "127.0.0.1:0"]);
+    let dir = TempDir::new("demoint");
+    let conf = demo_config(&dir);
+    let mut demo = Proc::spawn("demo", &["demo", "--bus", &bus, "--config", &conf, "--gateway-listen", "127.0.0.1:0"]);
     let rx = demo.lines();
     // Wait until it shows data, then interrupt it as a terminal would.
     let start = std::time::Instant::now();

@@ -36,9 +36,36 @@ pub struct DemoArgs {
     pub gateway_listen: Option<std::net::SocketAddr>,
 }
 
+/// `wanted` if it can be listened on now (port 0: the free port found), else a free loopback
+/// port: where a child serves its metrics, known before it starts so that it can be printed.
+fn free_or(wanted: &str) -> String {
+    std::net::TcpListener::bind(wanted)
+        .or_else(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .and_then(|l| l.local_addr())
+        .map_or_else(|_| "127.0.0.1:0".to_owned(), |a| a.to_string())
+}
+
+/// The children log as the demo does (`--log-format json` reaches them all).
+fn log_args(cli: &Cli) -> Vec<String> {
+    match cli.log_format {
+        crate::LogFormat::Json => vec!["--log-format".into(), "json".into()],
+        crate::LogFormat::Text => Vec::new(),
+    }
+}
+
+/// Where each child serves its metrics.
+#[derive(Debug, Clone)]
+struct MetricsAddrs {
+    broker: String,
+    gateway: String,
+    exchange: String,
+}
+
 /// Starts `mdbus gateway` on `listen`; returns it and the address it serves once it is ready.
-fn spawn_gateway(cli: &Cli, listen: &str) -> Result<(Child, String)> {
+fn spawn_gateway(cli: &Cli, listen: &str, metrics: &str) -> Result<(Child, String)> {
     let mut args = vec!["gateway".to_string(), "--bus".into(), cli.bus(), "--listen".into(), listen.into()];
+    args.extend(["--metrics".into(), metrics.into()]);
+    args.extend(log_args(cli));
     if let Some(c) = &cli.config {
         args.push("--config".into());
         args.push(c.display().to_string());
@@ -47,12 +74,14 @@ fn spawn_gateway(cli: &Cli, listen: &str) -> Result<(Child, String)> {
 }
 
 /// Starts `mdbus mock-exchange` (synthetic trades) on a free port.
-fn spawn_exchange(a: &DemoArgs) -> Result<(Child, String)> {
-    let args: Vec<String> =
-        ["mock-exchange", "--listen", "127.0.0.1:0", "--symbols", &a.symbols, "--rate", &a.rate.to_string()]
+fn spawn_exchange(cli: &Cli, a: &DemoArgs, metrics: &str) -> Result<(Child, String)> {
+    let rate = a.rate.to_string();
+    let mut args: Vec<String> =
+        ["mock-exchange", "--listen", "127.0.0.1:0", "--symbols", &a.symbols, "--rate", &rate, "--metrics", metrics]
             .iter()
             .map(|s| s.to_string())
             .collect();
+    args.extend(log_args(cli));
     spawn_service(&args, "mock exchange", "127.0.0.1:0")
 }
 
@@ -88,12 +117,13 @@ fn spawn_service(args: &[String], name: &str, listen: &str) -> Result<(Child, St
     }
 }
 
-fn spawn_broker(cli: &Cli, a: &DemoArgs, exchange: &str) -> Result<Child> {
+fn spawn_broker(cli: &Cli, a: &DemoArgs, exchange: &str, metrics: &str) -> Result<Child> {
     let bus = cli.bus();
     let exe = std::env::current_exe().context("locating the mdbus executable")?;
     let mut cmd = Command::new(exe);
     cmd.arg("broker").arg("--bus").arg(&bus).arg("--source").arg(format!("ws:ws://{exchange}"));
-    cmd.arg("--symbols").arg(&a.symbols);
+    cmd.arg("--symbols").arg(&a.symbols).arg("--metrics").arg(metrics);
+    cmd.args(log_args(cli));
     if let Some(c) = &cli.config {
         cmd.arg("--config").arg(c);
     }
@@ -143,8 +173,13 @@ pub fn run(cli: &Cli, a: &DemoArgs) -> Result<ExitCode> {
     let bus = cli.bus();
     let cfg = Config::load(cli.config.as_deref())?;
     let stop = crate::signals::stop_flag()?;
-    let (mut exchange, exchange_addr) = spawn_exchange(a)?;
-    let mut broker = match spawn_broker(cli, a, &exchange_addr) {
+    let m = MetricsAddrs {
+        broker: free_or(&cfg.metrics.broker),
+        gateway: free_or(&cfg.metrics.gateway),
+        exchange: free_or(&cfg.metrics.mock_exchange),
+    };
+    let (mut exchange, exchange_addr) = spawn_exchange(cli, a, &m.exchange)?;
+    let mut broker = match spawn_broker(cli, a, &exchange_addr, &m.broker) {
         Ok(b) => b,
         Err(e) => {
             stop_child(&mut exchange, "mock exchange");
@@ -152,10 +187,10 @@ pub fn run(cli: &Cli, a: &DemoArgs) -> Result<ExitCode> {
         }
     };
     let gateway = match a.gateway_listen {
-        Some(l) => spawn_gateway(cli, &l.to_string()),
-        None => spawn_gateway(cli, &cfg.gateway.listen).or_else(|e| {
+        Some(l) => spawn_gateway(cli, &l.to_string(), &m.gateway),
+        None => spawn_gateway(cli, &cfg.gateway.listen, &m.gateway).or_else(|e| {
             eprintln!("demo: {e:#}; using a free port instead");
-            spawn_gateway(cli, "127.0.0.1:0")
+            spawn_gateway(cli, "127.0.0.1:0", &m.gateway)
         }),
     };
     let (mut gateway, ws_addr) = match gateway {
@@ -187,6 +222,11 @@ pub fn run(cli: &Cli, a: &DemoArgs) -> Result<ExitCode> {
     println!("  websocket   python3 -m websockets 'ws://{ws_addr}/stream?streams=btcusdt@kline_1m/btcusdt@trade'");
     println!("              (pip install websockets; any Binance client pointed at ws://{ws_addr} works too)");
     println!("  rest        curl -s http://{ws_addr}/api/v3/exchangeInfo");
+    println!(
+        "  metrics     http://{}/metrics (broker)  http://{}/metrics (gateway)  http://{}/metrics (exchange)",
+        m.broker, m.gateway, m.exchange
+    );
+    println!("  stats       {exe} stats {} {} {}", m.broker, m.gateway, m.exchange);
     println!("  stop        Ctrl-C");
 
     let result = summarize(cli, &cfg, a, &stop);

@@ -6,4 +6,5 @@ pub mod demo;
 pub mod gateway;
 pub mod mock_exchange;
 pub mod replay;
+pub mod stats;
 pub mod tail;

@@ -286,3 +286,15 @@ pub fn http_get(port: u16, path: &str, headers: &[(&str, &str)]) -> (u16, String
     let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
     (status, body)
 }
+
+/// A config file for `mdbus demo` whose metrics endpoints take free ports (tests run demos side
+/// by side; the embedded defaults would have them race for the same ports).
+pub fn demo_config(dir: &TempDir) -> String {
+    let path = dir.0.join("demo.toml");
+    std::fs::write(
+        &path,
+        "[metrics]\nbroker = \"127.0.0.1:0\"\ngateway = \"127.0.0.1:0\"\nmock_exchange = \"127.0.0.1:0\"\n",
+    )
+    .unwrap();
+    path.display().to_string()
+}
