@@ -160,6 +160,31 @@ fn every_process_serves_metrics_that_move_during_a_demo_run() {
     check_summary(&scrape(&broker), "ingest_latency_us");
     drop(ws);
 
+    // Every metric the example dashboard plots is one the processes serve.
+    let served: std::collections::HashSet<String> = [&broker, &gw_metrics, &mx_metrics]
+        .iter()
+        .flat_map(|a| scrape(a).into_keys())
+        .map(|k| k.split('{').next().unwrap().to_owned())
+        .collect();
+    let dashboard =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../config/grafana/mdbus-dashboard.json"))
+            .unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
+    let prefixes = ["market_", "broker_", "gateway_", "wal_", "exchange_", "mock_", "ingest_", "fanout_", "e2e_"];
+    let mut plotted = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for t in panel["targets"].as_array().unwrap() {
+            let expr = t["expr"].as_str().unwrap();
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if prefixes.iter().any(|p| word.starts_with(p)) {
+                    plotted += 1;
+                    assert!(served.contains(word), "the dashboard plots {word}, which no process serves");
+                }
+            }
+        }
+    }
+    assert!(plotted > 20, "{plotted}");
+
     // The terminal view, once.
     let out = std::process::Command::new(EXE)
         .args(["stats", "--once", "--interval", "0.5", &broker, &gw_metrics, &mx_metrics])
