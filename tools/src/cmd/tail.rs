@@ -100,6 +100,7 @@ pub fn run(cli: &Cli, a: &TailArgs) -> Result<ExitCode> {
     let wait = Duration::from_millis(100);
     let mode = if a.spin { WaitMode::Spin(wait) } else { WaitMode::Block(wait) };
     let done = |printed: u64| a.count.is_some_and(|c| printed >= c);
+    let mut last_health = (reader.health(), reader.feed_state());
 
     while !stop.load(Ordering::Relaxed) && !done(printed) && !broken_pipe {
         if deadline.is_some_and(|d| Instant::now() >= d) {
@@ -123,6 +124,11 @@ pub fn run(cli: &Cli, a: &TailArgs) -> Result<ExitCode> {
         })?;
         if out.flush().is_err() {
             broken_pipe = true;
+        }
+        let now = (reader.health(), reader.feed_state());
+        if now != last_health {
+            tracing::info!(health = now.0.as_str(), feed = now.1.as_str(), "publisher health changed");
+            last_health = now;
         }
     }
     let _ = out.flush();
