@@ -32,7 +32,10 @@ impl Families {
 
     fn family(&mut self, name: &str, help: &str, kind: MetricType) -> &mut MetricFamily {
         let at = match self.families.iter().position(|f| f.name() == name) {
-            Some(i) => i,
+            Some(i) => {
+                debug_assert!(self.families[i].get_field_type() == kind, "{name} added with two types");
+                i
+            }
             None => {
                 let mut f = MetricFamily::default();
                 f.set_name(name.to_owned());
@@ -185,8 +188,9 @@ mod tests {
     #[test]
     fn a_scrape_reads_back_as_written() {
         let l = Latency::new("x_latency_us", "a latency");
-        l.record(10, 0);
-        l.flush(0);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as i64;
+        l.record(10, now);
+        l.flush(now);
         let mut f = Families::new();
         f.counter("market_published_total", "frames published", 42)
             .gauge_with("market_last_seq", "last seq", &[("stream", "realtime")], 7.0)

@@ -44,6 +44,24 @@ struct Shared {
     sum: u64,
 }
 
+impl Shared {
+    /// Starts a new window when the current one is 60 s old; after two idle windows nothing old
+    /// is kept.
+    fn rotate(&mut self, now_ns: i64) {
+        if self.cur_start_ns == 0 {
+            self.cur_start_ns = now_ns;
+        } else if now_ns - self.cur_start_ns >= 2 * WINDOW_NS {
+            self.cur.reset();
+            self.prev.reset();
+            self.cur_start_ns = now_ns;
+        } else if now_ns - self.cur_start_ns >= WINDOW_NS {
+            std::mem::swap(&mut self.cur, &mut self.prev);
+            self.cur.reset();
+            self.cur_start_ns = now_ns;
+        }
+    }
+}
+
 /// A latency distribution in microseconds (exported as a Prometheus summary).
 #[derive(Debug)]
 pub struct Latency {
@@ -101,9 +119,23 @@ impl Latency {
             let Some(local) = slot.as_mut() else { return };
             local.hist.saturating_record(value_us.clamp(1, MAX_US));
             local.sum = local.sum.saturating_add(value_us);
-            if now_ns - local.last_flush_ns >= FLUSH_NS {
+            // Due, or the clock stepped back: hand over.
+            if now_ns - local.last_flush_ns >= FLUSH_NS || now_ns < local.last_flush_ns {
                 local.last_flush_ns = now_ns;
                 self.hand_over(local, now_ns);
+            }
+        });
+    }
+
+    /// Hands this thread's values over if the last hand-over is 250 ms old: for idle paths
+    /// (heartbeats, timers), so that the last values before a quiet spell reach the scrape.
+    pub fn flush_if_due(&self, now_ns: i64) {
+        let _ = LOCAL.try_with(|slots| {
+            if let Some(Some(local)) = slots.borrow_mut().get_mut(self.id) {
+                if now_ns - local.last_flush_ns >= FLUSH_NS || now_ns < local.last_flush_ns {
+                    local.last_flush_ns = now_ns;
+                    self.hand_over(local, now_ns);
+                }
             }
         });
     }
@@ -123,13 +155,7 @@ impl Latency {
         }
         if let Ok(mut guard) = self.shared.lock() {
             if let Some(s) = guard.as_mut() {
-                if s.cur_start_ns == 0 {
-                    s.cur_start_ns = now_ns;
-                } else if now_ns - s.cur_start_ns >= WINDOW_NS {
-                    std::mem::swap(&mut s.cur, &mut s.prev);
-                    s.cur.reset();
-                    s.cur_start_ns = now_ns;
-                }
+                s.rotate(now_ns);
                 // Same bounds on both sides: adding never resizes (no allocation).
                 let _ = s.cur.add(&local.hist);
                 s.count += local.hist.len();
@@ -140,17 +166,29 @@ impl Latency {
         local.sum = 0;
     }
 
+    /// The distribution now (quantiles over the last one to two minutes of wall time).
     pub fn snapshot(&self) -> LatencySnapshot {
-        let Ok(guard) = self.shared.lock() else { return LatencySnapshot::default() };
-        let Some(s) = guard.as_ref() else { return LatencySnapshot::default() };
-        let mut h = s.cur.clone();
-        let _ = h.add(&s.prev);
+        let now_ns =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64);
+        self.snapshot_at(now_ns)
+    }
+
+    /// The distribution as of `now_ns` on the recording threads' clock.
+    pub fn snapshot_at(&self, now_ns: i64) -> LatencySnapshot {
+        // Copy under the lock, compute after it: recording threads never wait on the quantiles.
+        let (mut h, prev, count, sum) = {
+            let Ok(mut guard) = self.shared.lock() else { return LatencySnapshot::default() };
+            let Some(s) = guard.as_mut() else { return LatencySnapshot::default() };
+            s.rotate(now_ns);
+            (s.cur.clone(), s.prev.clone(), s.count, s.sum)
+        };
+        let _ = h.add(&prev);
         if h.is_empty() {
-            return LatencySnapshot { count: s.count, sum: s.sum, ..LatencySnapshot::default() };
+            return LatencySnapshot { count, sum, ..LatencySnapshot::default() };
         }
         LatencySnapshot {
-            count: s.count,
-            sum: s.sum,
+            count,
+            sum,
             p50: h.value_at_quantile(0.5),
             p95: h.value_at_quantile(0.95),
             p99: h.value_at_quantile(0.99),
@@ -179,7 +217,7 @@ mod tests {
                 });
             }
         });
-        let s = l.snapshot();
+        let s = l.snapshot_at(2_000_000_000);
         assert_eq!(s.count, 3000);
         assert_eq!(s.sum, (1..=1000u64).sum::<u64>() * 6);
         assert!(s.p50 <= s.p95 && s.p95 <= s.p99 && s.p99 <= s.p999 && s.p999 <= s.max, "{s:?}");
@@ -189,13 +227,27 @@ mod tests {
     }
 
     #[test]
+    fn quantiles_forget_values_older_than_two_windows_but_count_and_sum_keep_them() {
+        let l = Latency::new("t3_latency_us", "test");
+        let t0 = 1_000_000_000_000;
+        l.record(200, t0);
+        l.flush(t0);
+        assert_eq!(l.snapshot_at(t0).p99, 200);
+        assert_eq!(l.snapshot_at(t0 + WINDOW_NS).p99, 200, "the previous window still counts");
+        let later = l.snapshot_at(t0 + 3 * WINDOW_NS);
+        assert_eq!((later.p99, later.count, later.sum), (0, 1, 200));
+        l.record(7, t0 - 1);
+        assert_eq!(l.snapshot_at(t0 + 3 * WINDOW_NS).count, 2, "a clock that steps back hands over at once");
+    }
+
+    #[test]
     fn values_wait_on_their_thread_until_a_quarter_second_has_passed() {
         let l = Latency::new("t2_latency_us", "test");
         l.record(5, 1);
         l.record(5, 2);
-        assert_eq!(l.snapshot().count, 0);
+        assert_eq!(l.snapshot_at(2).count, 0);
         l.record(5, 1 + FLUSH_NS);
-        assert_eq!(l.snapshot().count, 3);
-        assert_eq!(l.snapshot().p99, 5);
+        assert_eq!(l.snapshot_at(1 + FLUSH_NS).count, 3);
+        assert_eq!(l.snapshot_at(1 + FLUSH_NS).p99, 5);
     }
 }

@@ -477,6 +477,7 @@ pub fn run(
             hb.feed_state = shown as u8;
             metrics.feed_state.store(u64::from(hb.feed_state), Ordering::Relaxed);
             metrics.symbols_down.store(down_count as u64, Ordering::Relaxed);
+            metrics.ingest_latency.flush_if_due(now_ns());
             out.heartbeat(&hb)?;
             if let Some(r) = recorder.as_mut() {
                 r.flush()?;

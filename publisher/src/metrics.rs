@@ -8,6 +8,16 @@ use std::sync::Arc;
 use crossbeam_utils::CachePadded;
 use mdbus_metrics::{Families, Latency};
 
+/// The WAL thread's counters.
+#[derive(Debug, Default)]
+pub struct WalCounters {
+    pub records: AtomicU64,
+    pub bytes: AtomicU64,
+    pub commits: AtomicU64,
+    pub syncs: AtomicU64,
+    pub segments_removed: AtomicU64,
+}
+
 /// Live counters of a running broker.
 #[derive(Debug)]
 pub struct BrokerMetrics {
@@ -25,11 +35,8 @@ pub struct BrokerMetrics {
     pub feed_state: AtomicU64,
     /// Symbols whose live feed is down now.
     pub symbols_down: AtomicU64,
-    pub wal_records: AtomicU64,
-    pub wal_bytes: AtomicU64,
-    pub wal_commits: AtomicU64,
-    pub wal_syncs: AtomicU64,
-    pub wal_segments_removed: AtomicU64,
+    /// Written by the WAL thread: a cache line of their own.
+    pub wal: CachePadded<WalCounters>,
     /// Exchange event → ingest (µs), one value per trade.
     pub ingest_latency: Arc<Latency>,
     /// Time of one WAL commit that synced data to disk (µs).
@@ -49,11 +56,7 @@ impl Default for BrokerMetrics {
             reconnects: AtomicU64::new(0),
             feed_state: AtomicU64::new(0),
             symbols_down: AtomicU64::new(0),
-            wal_records: AtomicU64::new(0),
-            wal_bytes: AtomicU64::new(0),
-            wal_commits: AtomicU64::new(0),
-            wal_syncs: AtomicU64::new(0),
-            wal_segments_removed: AtomicU64::new(0),
+            wal: CachePadded::new(WalCounters::default()),
             ingest_latency: Latency::new(
                 "ingest_latency_us",
                 "exchange event time to ingest by the broker, microseconds",
@@ -92,11 +95,11 @@ impl BrokerMetrics {
                 g(&self.feed_state) as f64,
             )
             .gauge("broker_symbols_down", "symbols whose live feed is down now", g(&self.symbols_down) as f64)
-            .counter("wal_records_total", "frames appended to the WAL", g(&self.wal_records))
-            .counter("wal_bytes_total", "frame bytes appended to the WAL", g(&self.wal_bytes))
-            .counter("wal_commits_total", "WAL group commits (one per sample)", g(&self.wal_commits))
-            .counter("wal_fsync_total", "WAL data syncs to disk", g(&self.wal_syncs))
-            .counter("wal_segments_removed_total", "WAL segments removed by retention", g(&self.wal_segments_removed))
+            .counter("wal_records_total", "frames appended to the WAL", g(&self.wal.records))
+            .counter("wal_bytes_total", "frame bytes appended to the WAL", g(&self.wal.bytes))
+            .counter("wal_commits_total", "WAL group commits (one per sample)", g(&self.wal.commits))
+            .counter("wal_fsync_total", "WAL data syncs to disk", g(&self.wal.syncs))
+            .counter("wal_segments_removed_total", "WAL segments removed by retention", g(&self.wal.segments_removed))
             .latency(&self.ingest_latency)
             .latency(&self.wal_fsync_latency);
     }

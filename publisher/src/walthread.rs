@@ -88,16 +88,18 @@ impl WalSink {
                         if wal.syncs() != syncs {
                             let now = crate::broker::now_ns();
                             metrics.wal_fsync_latency.record(t0.elapsed().as_micros() as u64, now);
-                            metrics.wal_syncs.store(wal.syncs(), Ordering::Relaxed);
                         }
-                        metrics.wal_records.fetch_add(records, Ordering::Relaxed);
-                        metrics.wal_bytes.fetch_add(bytes, Ordering::Relaxed);
-                        metrics.wal_commits.fetch_add(1, Ordering::Relaxed);
+                        let c = &metrics.wal;
+                        c.syncs.store(wal.syncs(), Ordering::Relaxed);
+                        c.records.fetch_add(records, Ordering::Relaxed);
+                        c.bytes.fetch_add(bytes, Ordering::Relaxed);
+                        c.commits.fetch_add(1, Ordering::Relaxed);
                         buf.clear();
                         let _ = to_publisher.push(buf);
                     }
                     Err(_) if st.load(Ordering::Acquire) => {
                         wal.commit()?;
+                        metrics.wal.syncs.store(wal.syncs(), Ordering::Relaxed);
                         metrics.wal_fsync_latency.flush(crate::broker::now_ns());
                         return Ok(appended);
                     }
@@ -107,7 +109,7 @@ impl WalSink {
                     last_retention = Instant::now();
                     // The acked floor comes with durable consumers (the batch writer).
                     if let Ok(gone) = wal.retain(&retention, None) {
-                        metrics.wal_segments_removed.fetch_add(gone.len() as u64, Ordering::Relaxed);
+                        metrics.wal.segments_removed.fetch_add(gone.len() as u64, Ordering::Relaxed);
                         for p in gone {
                             tracing::info!(file = %p.display(), "wal segment removed by retention");
                         }

@@ -39,9 +39,9 @@ pub struct MetricsSection {
 impl Default for MetricsSection {
     fn default() -> Self {
         MetricsSection {
-            broker: "127.0.0.1:9100".into(),
-            gateway: "127.0.0.1:9101".into(),
-            mock_exchange: "127.0.0.1:9102".into(),
+            broker: "127.0.0.1:9740".into(),
+            gateway: "127.0.0.1:9741".into(),
+            mock_exchange: "127.0.0.1:9742".into(),
         }
     }
 }

@@ -139,15 +139,19 @@ fn every_process_serves_metrics_that_move_during_a_demo_run() {
 
     // A WebSocket client: connections and messages out move, end to end latency is measured.
     let (mut ws, _) = tungstenite::connect(format!("ws://{gateway_ws}/ws/btcusdt@trade")).unwrap();
+    if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_ref() {
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    }
     let mut got = 0;
     while got < 20 {
         if let Message::Text(_) = ws.read().unwrap() {
             got += 1;
         }
     }
+    // Counted once the batch is flushed, which can be just after the client has read it.
+    wait_for(&gw_metrics, "gateway_messages_out_total", "messages out are counted", |v| v >= 20.0);
     let g = scrape(&gw_metrics);
     assert!(get(&g, "gateway_connections") >= 1.0);
-    assert!(get(&g, "gateway_messages_out_total") >= 20.0);
     wait_for(&gw_metrics, "market_publisher_health", "healthy again after the reconnect", |v| v == 1.0);
     assert_eq!(get(&g, "market_seq_gaps_total"), 0.0);
     // Summaries are handed over at most every 250 ms per thread: wait for their first values.

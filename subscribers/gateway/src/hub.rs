@@ -65,6 +65,11 @@ pub enum Command {
     },
 }
 
+/// Hands the hub thread's latency values over when due, also when no frame arrives.
+fn st_flush(st: &GatewayStats) {
+    st.fanout_latency.flush_if_due(crate::now_ns());
+}
+
 /// Counters of the gateway, shared by the hub, the server and the client tasks.
 #[derive(Debug)]
 pub struct GatewayStats {
@@ -325,6 +330,9 @@ struct Fanout {
     wake: Vec<Arc<Client>>,
     known: std::collections::HashSet<Symbol>,
     state: Arc<HubState>,
+    /// The publish time of the sample being read and the clock when its first frame was.
+    last_publish_ns: i64,
+    read_ns: i64,
 }
 
 impl Fanout {
@@ -365,7 +373,12 @@ impl Fanout {
         if frame.kind() == FrameKind::Heartbeat {
             return;
         }
-        let now = crate::now_ns();
+        // One clock read per sample: its frames share the publish time.
+        if frame.header.ts_publish_ns != self.last_publish_ns {
+            self.last_publish_ns = frame.header.ts_publish_ns;
+            self.read_ns = crate::now_ns();
+        }
+        let now = self.read_ns;
         stats.fanout_latency.record(((now - frame.header.ts_publish_ns) / 1000).max(0) as u64, now);
         let Some(key) = frame_key(frame) else {
             stats.decode_errors.fetch_add(1, Ordering::Relaxed);
@@ -455,6 +468,8 @@ pub fn run(
         wake: Vec::new(),
         known: Default::default(),
         state: Arc::clone(&state),
+        last_publish_ns: 0,
+        read_ns: 0,
     };
     let mut joins: Vec<PendingJoin> = Vec::new();
     let mut last_health = (Health::Unknown, FeedState::Unknown);
@@ -499,6 +514,7 @@ pub fn run(
         if let Some(n) = reader.next_seq() {
             state.next_seq.store(n, Ordering::Relaxed);
         }
+        st_flush(&state.stats);
         let rs = reader.stats();
         let st = &state.stats;
         st.seq_gaps.store(rs.seq.gaps, Ordering::Relaxed);

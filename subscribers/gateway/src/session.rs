@@ -351,7 +351,8 @@ impl Session {
                             // The replies queued before the close (the rate errors) go out first.
                             if self.client.outbox.take(&mut batch).is_ok() && !batch.is_empty() {
                                 let skip = self.caught_up_to;
-                                if let Ok((n, bytes)) = guarded(&self.client.outbox, stats, limit, write_batch(ws, &mut batch, skip, &mut sent, &stats.e2e_latency)).await {
+                                let quick = limit.min(Duration::from_secs(1));
+                                if let Ok((n, bytes)) = guarded(&self.client.outbox, stats, quick, write_batch(ws, &mut batch, skip, &mut sent, &stats.e2e_latency)).await {
                                     stats.messages_out.fetch_add(n, Ordering::Relaxed);
                                     stats.bytes_out.fetch_add(bytes, Ordering::Relaxed);
                                 }
@@ -362,6 +363,7 @@ impl Session {
                     },
                 },
                 _ = ping.tick() => {
+                    stats.e2e_latency.flush_if_due(crate::now_ns());
                     if self.last_pong.elapsed() > self.ctx.cfg.pong_timeout {
                         stats.disconnected_pong_timeout.fetch_add(1, Ordering::Relaxed);
                         return Flow::Close(CloseCode::Policy, "no pong received in time".into());

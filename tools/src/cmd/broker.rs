@@ -98,7 +98,7 @@ pub struct BrokerArgs {
     /// Do not keep a write-ahead log (sequence numbers restart at 1 on every start).
     #[arg(long)]
     pub no_wal: bool,
-    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9100; port 0: any free).
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9740; port 0: any free).
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<String>,
 }
@@ -282,9 +282,9 @@ fn live_config(cfg: &Config, a: &BrokerArgs, symbols: Vec<String>) -> Result<Liv
 /// Every 2 s, removes the ports of this bus's dead processes, so that a `kill -9`ed subscriber
 /// leaves `market_subscriber_count` (and stops holding samples). Off the publish thread: it reads
 /// the bus's node list.
-fn spawn_janitor(bus: &str, stop: Arc<std::sync::atomic::AtomicBool>) {
+fn spawn_janitor(bus: &str, stop: Arc<std::sync::atomic::AtomicBool>) -> Option<std::thread::JoinHandle<()>> {
     let bus = bus.to_owned();
-    let _ = std::thread::Builder::new().name("bus-janitor".into()).spawn(move || {
+    let spawned = std::thread::Builder::new().name("bus-janitor".into()).spawn(move || {
         let node = match mdbus_bus::BusNode::open(&bus, "broker-janitor") {
             Ok(n) => n,
             Err(e) => {
@@ -303,6 +303,7 @@ fn spawn_janitor(bus: &str, stop: Arc<std::sync::atomic::AtomicBool>) {
             }
         }
     });
+    spawned.map_err(|e| tracing::warn!(error = %e, "dead-process cleanup not running")).ok()
 }
 
 pub fn run(cli: &Cli, a: &BrokerArgs) -> Result<ExitCode> {
@@ -331,8 +332,16 @@ pub fn run(cli: &Cli, a: &BrokerArgs) -> Result<ExitCode> {
         mdbus_metrics::serve(addr, move || {
             let mut f = mdbus_metrics::Families::new();
             m.families(&mut f);
-            if let Some(i) = &ingress {
-                i.families(&mut f);
+            match &ingress {
+                Some(i) => i.families(&mut f),
+                // Synthetic and dataset sources have no ingress queue: nothing queued, nothing dropped.
+                None => {
+                    f.counter("market_dropped_total", "trades dropped by the ingress overload policy", 0).gauge(
+                        "market_ingress_len",
+                        "items in the ingress queue now",
+                        0.0,
+                    );
+                }
             }
             match &exchange {
                 Some(x) => x.families(&mut f),
@@ -343,8 +352,8 @@ pub fn run(cli: &Cli, a: &BrokerArgs) -> Result<ExitCode> {
             }
             f
         })?;
-        spawn_janitor(&config.bus, Arc::clone(&control.stop));
     }
+    let janitor = spawn_janitor(&config.bus, Arc::clone(&control.stop));
     // SIGHUP re-reads the config file's broker.symbols (add / remove symbols while running).
     let file = cli.config.clone();
     let source: SymbolsSource = Box::new(move || match &file {
@@ -353,6 +362,10 @@ pub fn run(cli: &Cli, a: &BrokerArgs) -> Result<ExitCode> {
     });
     let result = broker::run(&config, &control, Some(&source));
     control.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    // Its node is dropped (and its files removed) before the process exits.
+    if let Some(j) = janitor {
+        let _ = j.join();
+    }
     if let Some(((handle, stats), ingress)) = live {
         ingress.close();
         let _ = handle.join();

@@ -17,7 +17,7 @@ use crate::Cli;
 
 #[derive(Debug, Args)]
 pub struct GatewayArgs {
-    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9101; port 0: any free).
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9741; port 0: any free).
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<String>,
     /// Address for WebSocket and REST clients (port 0: any free port) [config: gateway.listen].

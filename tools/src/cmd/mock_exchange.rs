@@ -16,7 +16,7 @@ use crate::Cli;
 
 #[derive(Debug, Args)]
 pub struct MockExchangeArgs {
-    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9102; port 0: any free).
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9742; port 0: any free).
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<String>,
     /// Address to serve WebSocket and REST on (port 0: any free port).
