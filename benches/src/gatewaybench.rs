@@ -323,6 +323,8 @@ fn window_row(name: String, w: &Window) -> Row {
         p999_ns: w.hist.value_at_quantile(0.999) * 1000,
         max_ns: w.hist.max() * 1000,
         ratio_vs_baseline: 1.0,
+        rss_bytes: 0,
+        note: String::new(),
     }
 }
 

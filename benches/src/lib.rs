@@ -16,13 +16,15 @@
 pub mod gatewaybench;
 pub mod ingestbench;
 pub mod peer;
+pub mod report;
+pub mod systembench;
 pub mod walbench;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub use peer::{Mode, PeerReport, PeerSpec, Transport};
 
@@ -46,7 +48,7 @@ pub struct BenchOptions {
 }
 
 /// One measured line of a scenario.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Row {
     pub name: String,
     pub transport: String,
@@ -63,6 +65,12 @@ pub struct Row {
     /// This row's key figure relative to the scenario's first baseline (p99 for latency: lower
     /// is better; rate for throughput: higher is better).
     pub ratio_vs_baseline: f64,
+    /// Resident memory (memory scenario), bytes; else 0.
+    #[serde(default)]
+    pub rss_bytes: u64,
+    /// What else the row says (fanout: the slowest subscriber; recovery: the log size).
+    #[serde(default)]
+    pub note: String,
 }
 
 impl Row {
@@ -82,12 +90,14 @@ impl Row {
             p999_ns: 0,
             max_ns: 0,
             ratio_vs_baseline: 1.0,
+            rss_bytes: 0,
+            note: String::new(),
         }
     }
 }
 
 /// A scenario's result.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ScenarioReport {
     pub scenario: String,
     pub payload_bytes: usize,
@@ -100,7 +110,9 @@ pub struct ScenarioReport {
 /// A benchmark could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum BenchRunError {
-    #[error("unknown scenario {0:?} (known: latency, throughput, wal, gateway, ingest)")]
+    #[error(
+        "unknown scenario {0:?} (known: latency, throughput, fanout, broker, wal, memory, recovery, gateway, ingest)"
+    )]
     UnknownScenario(String),
     #[error("starting {what}: {source}")]
     Spawn { what: String, source: std::io::Error },
@@ -131,6 +143,48 @@ fn spawn_peer(exe: &Path, role: &str, spec: &PeerSpec) -> Result<std::process::C
         .stderr(Stdio::inherit())
         .spawn()
         .map_err(|source| BenchRunError::Spawn { what: format!("bench {role} ({})", spec.transport.as_str()), source })
+}
+
+/// Runs one publisher and `n` subscribers (pinned to core 1 when pinning; the publisher to core
+/// 0) and returns the subscribers' reports.
+fn run_fanout(exe: &Path, spec: &PeerSpec, n: usize, pin: bool) -> Result<Vec<PeerReport>, BenchRunError> {
+    let what = format!("fanout to {n}");
+    let sub_spec = PeerSpec { core: pin.then_some(1), ..spec.clone() };
+    let pub_spec = PeerSpec { core: pin.then_some(0), subscribers: n, ..spec.clone() };
+    let mut subs: Vec<(std::process::Child, std::io::Lines<BufReader<std::process::ChildStdout>>)> = Vec::new();
+    for _ in 0..n {
+        let mut sub = spawn_peer(exe, "sub", &sub_spec)?;
+        let out =
+            sub.stdout.take().ok_or_else(|| BenchRunError::Peer { what: what.clone(), detail: "no stdout".into() })?;
+        let mut lines = BufReader::new(out).lines();
+        if !matches!(lines.next(), Some(Ok(ref l)) if l == "ready") {
+            let _ = sub.kill();
+            for (mut s, _) in subs {
+                let _ = s.kill();
+            }
+            return Err(BenchRunError::Peer { what, detail: "a subscriber did not get ready".into() });
+        }
+        subs.push((sub, lines));
+    }
+    let mut publ = spawn_peer(exe, "pub", &pub_spec)?;
+    let pub_status = publ.wait().map_err(|source| BenchRunError::Spawn { what: what.clone(), source })?;
+    let mut reports = Vec::new();
+    for (mut sub, mut lines) in subs {
+        let line = lines.next();
+        let status = sub.wait().map_err(|source| BenchRunError::Spawn { what: what.clone(), source })?;
+        if !status.success() || !pub_status.success() {
+            return Err(BenchRunError::Peer { what, detail: format!("publisher {pub_status}, subscriber {status}") });
+        }
+        let line = match line {
+            Some(Ok(l)) => l,
+            other => return Err(BenchRunError::Peer { what, detail: format!("no report: {other:?}") }),
+        };
+        reports.push(
+            serde_json::from_str(&line)
+                .map_err(|e| BenchRunError::Peer { what: what.clone(), detail: format!("bad report {line:?}: {e}") })?,
+        );
+    }
+    Ok(reports)
 }
 
 /// Runs one publisher/subscriber pair and returns the subscriber's report.
@@ -177,6 +231,8 @@ fn row(name: &str, t: Transport, r: &PeerReport) -> Row {
         p999_ns: r.p999_ns,
         max_ns: r.max_ns,
         ratio_vs_baseline: 1.0,
+        rss_bytes: 0,
+        note: String::new(),
     }
 }
 
@@ -193,6 +249,7 @@ pub fn run_scenario(scenario: &str, o: &BenchOptions) -> Result<ScenarioReport, 
         bus: bus.clone(),
         socket: socket.clone(),
         core: None,
+        subscribers: 1,
     };
     let mut rows = Vec::new();
     match scenario {
@@ -260,6 +317,48 @@ pub fn run_scenario(scenario: &str, o: &BenchOptions) -> Result<ScenarioReport, 
             for r in &mut rows {
                 r.ratio_vs_baseline = r.per_second / base_rate;
             }
+        }
+        "fanout" => {
+            let count = o.count.unwrap_or(if o.quick { 500_000 } else { 5_000_000 });
+            for n in [1usize, 2, 4, 8] {
+                let reports = run_fanout(&o.exe, &base(Transport::Mdbus, Mode::Throughput, count), n, pin)?;
+                let slowest = reports.iter().map(|r| r.elapsed_s).fold(0.0, f64::max);
+                let fastest = reports.iter().map(|r| r.elapsed_s).fold(f64::INFINITY, f64::min);
+                let received: u64 = reports.iter().map(|r| r.received).sum();
+                let mut rw = Row::rate(
+                    &format!("mdbus, {n} subscriber process{}", if n == 1 { " (baseline)" } else { "es" }),
+                    "mdbus",
+                    count,
+                    std::time::Duration::from_secs_f64(slowest),
+                    0,
+                );
+                rw.lost = reports.iter().map(|r| r.lost).sum();
+                rw.out_of_order = reports.iter().map(|r| r.out_of_order).sum();
+                rw.note = format!(
+                    "{received} frames delivered in all; per subscriber {:.2}–{:.2} M frames/s; last one done {:.0} ms after the first",
+                    count as f64 / slowest.max(1e-9) / 1e6,
+                    count as f64 / fastest.max(1e-9) / 1e6,
+                    (slowest - fastest) * 1e3
+                );
+                rows.push(rw);
+            }
+            let base_rate = rows[0].per_second.max(1.0);
+            for r in &mut rows {
+                r.ratio_vs_baseline = r.per_second / base_rate;
+            }
+        }
+        "broker" | "memory" | "recovery" => {
+            let tmp = std::env::temp_dir().join(format!("mdbus-bench-{scenario}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&tmp);
+            std::fs::create_dir_all(&tmp)
+                .map_err(|e| BenchRunError::Peer { what: scenario.into(), detail: e.to_string() })?;
+            let r = match scenario {
+                "broker" => systembench::broker(o, &tmp),
+                "memory" => systembench::memory(o, &tmp),
+                _ => systembench::recovery(o, &tmp),
+            };
+            let _ = std::fs::remove_dir_all(&tmp);
+            rows = r?;
         }
         "wal" => {
             let tmp = std::env::temp_dir().join(format!("mdbus-bench-wal-{}", std::process::id()));
@@ -338,6 +437,41 @@ pub fn render_table(r: &ScenarioReport) -> String {
         s.push_str(
             "(conflated: K-line updates replaced by newer ones for lagging clients; dropped: clients disconnected)\n",
         );
+    } else if r.scenario == "fanout" || r.scenario == "broker" {
+        let unit = if r.scenario == "broker" { "trades" } else { "frames" };
+        s.push_str(&format!(
+            "{:<52} {:>10} {:>6} {:>13} {:>8}  {}\n",
+            "case", unit, "lost", "per second", "ratio", "notes"
+        ));
+        for x in &r.rows {
+            s.push_str(&format!(
+                "{:<52} {:>10} {:>6} {:>13.0} {:>7.2}x  {}\n",
+                x.name, x.messages, x.lost, x.per_second, x.ratio_vs_baseline, x.note
+            ));
+        }
+    } else if r.scenario == "memory" {
+        s.push_str(&format!("{:<44} {:>8} {:>10} {:>8}  {}\n", "case", "symbols", "RSS MB", "ratio", "notes"));
+        for x in &r.rows {
+            s.push_str(&format!(
+                "{:<44} {:>8} {:>10.1} {:>7.2}x  {}\n",
+                x.name,
+                x.messages,
+                x.rss_bytes as f64 / 1e6,
+                x.ratio_vs_baseline,
+                x.note
+            ));
+        }
+    } else if r.scenario == "recovery" {
+        s.push_str(&format!("{:<48} {:>16} {:>8}  {}\n", "case", "to first frame", "ratio", "notes"));
+        for x in &r.rows {
+            s.push_str(&format!(
+                "{:<48} {:>13.1} ms {:>7.2}x  {}\n",
+                x.name,
+                x.p50_ns as f64 / 1e6,
+                x.ratio_vs_baseline,
+                x.note
+            ));
+        }
     } else if r.scenario == "ingest" {
         s.push_str(&format!("{:<52} {:>10} {:>13} {:>10} {:>8}\n", "case", "trades", "per second", "ns each", "ratio"));
         for x in &r.rows {

@@ -71,6 +71,13 @@ pub struct PeerSpec {
     pub bus: String,
     pub socket: PathBuf,
     pub core: Option<usize>,
+    /// mdbus: the publisher starts once this many subscribers are connected (fanout).
+    #[serde(default = "one")]
+    pub subscribers: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// What the subscriber measured.
@@ -272,7 +279,7 @@ pub fn run_publisher(spec: &PeerSpec) -> Result<(), PeerError> {
             loop {
                 w.clear();
                 let _ = w.push_heartbeat(header(FrameKind::Heartbeat, 9, 0), &hb);
-                if publisher.send(w.as_bytes())? > 0 {
+                if publisher.send(w.as_bytes())? >= spec.subscribers.max(1) {
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(5));

@@ -271,7 +271,6 @@ pub fn run(
     control: &BrokerControl,
     symbols_source: Option<&SymbolsSource>,
 ) -> Result<BrokerReport, BrokerRunError> {
-    pin(config.core);
     let stop = &*control.stop;
     let mut feed = Feed::open(&config.source)?;
     let specs = feed.specs();
@@ -287,6 +286,9 @@ pub fn run(
         },
     };
     let mut engine = Engine::start(&engine_config, &specs)?;
+    // After the workers exist: a thread pinned first would hand its one-core mask to them, and
+    // they could not be pinned elsewhere.
+    pin(config.core);
     let mut recorder = config.record.as_deref().map(Recorder::new).transpose()?;
 
     // The log decides where the sequence continues: last logged seq + 1 (after recovery of a torn

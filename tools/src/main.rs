@@ -68,6 +68,8 @@ pub enum Command {
     Stats(cmd::stats::StatsArgs),
     /// Measure the bus against raw iceoryx2 and a Unix socket in the same run.
     Bench(cmd::bench::BenchArgs),
+    /// Render BENCHMARKS.md from runs of `mdbus bench all --json` (see scripts/benchmarks.sh).
+    BenchReport(cmd::bench::ReportArgs),
     /// Benchmark helper process (started by `mdbus bench`).
     #[command(hide = true)]
     BenchPeer(cmd::bench::PeerArgs),
@@ -96,6 +98,7 @@ fn main() -> ExitCode {
         Command::Stats(a) => cmd::stats::run(&cli, a),
         Command::Bench(a) => cmd::bench::run(&cli, a),
         Command::BenchPeer(a) => cmd::bench::peer(&cli, a),
+        Command::BenchReport(a) => cmd::bench::report(a),
     };
     match result {
         Ok(code) => code,

@@ -12,7 +12,8 @@ use crate::Cli;
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// `latency`, `throughput`, `wal`, `gateway`, `ingest` (or `all`).
+    /// `latency`, `throughput`, `fanout`, `broker`, `wal`, `memory`, `recovery`, `gateway`,
+    /// `ingest` (or `all`).
     pub scenario: String,
     /// A short run (under a minute for all scenarios).
     #[arg(long)]
@@ -38,6 +39,55 @@ pub struct BenchArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// Files of `mdbus bench all --json` output, one per run.
+    #[arg(required = true)]
+    pub runs: Vec<std::path::PathBuf>,
+    /// Folder of `<scenario>.md` texts (method and analysis) placed above each table.
+    #[arg(long, default_value = "benches/report")]
+    pub analysis: std::path::PathBuf,
+    /// The machine, as the header should name it.
+    #[arg(long)]
+    pub machine: String,
+    /// The command that produced the runs, for the header.
+    #[arg(long, default_value = "scripts/benchmarks.sh")]
+    pub command: String,
+}
+
+/// Prints `BENCHMARKS.md` rendered from the runs' JSON lines.
+pub fn report(a: &ReportArgs) -> Result<ExitCode> {
+    let mut runs = Vec::new();
+    for f in &a.runs {
+        let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+        let mut run = Vec::new();
+        for (i, line) in text.lines().enumerate().filter(|(_, l)| l.starts_with('{')) {
+            let r: mdbus_benches::ScenarioReport =
+                serde_json::from_str(line).with_context(|| format!("{}:{}: not a bench report", f.display(), i + 1))?;
+            run.push(r);
+        }
+        runs.push(run);
+    }
+    let mut analysis = std::collections::BTreeMap::new();
+    if let Ok(dir) = std::fs::read_dir(&a.analysis) {
+        for e in dir.flatten() {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "md") {
+                if let (Some(stem), Ok(text)) = (p.file_stem(), std::fs::read_to_string(&p)) {
+                    analysis.insert(stem.to_string_lossy().into_owned(), text);
+                }
+            }
+        }
+    }
+    let info = mdbus_benches::report::RunInfo {
+        date: chrono::Utc::now().format("%Y-%m-%d").to_string(),
+        machine: a.machine.clone(),
+        command: a.command.clone(),
+    };
+    print!("{}", mdbus_benches::report::render_markdown(&runs, &info, &analysis));
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Debug, Args)]
 pub struct PeerArgs {
     /// `pub` or `sub`.
     #[arg(long)]
@@ -59,7 +109,7 @@ pub fn run(_cli: &Cli, a: &BenchArgs) -> Result<ExitCode> {
         gateway_threads: a.gateway_threads,
     };
     let scenarios: Vec<&str> = match a.scenario.as_str() {
-        "all" => vec!["latency", "throughput", "wal", "gateway", "ingest"],
+        "all" => vec!["latency", "throughput", "fanout", "broker", "wal", "memory", "recovery", "gateway", "ingest"],
         s => vec![s],
     };
     for s in scenarios {
