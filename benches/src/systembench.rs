@@ -54,6 +54,7 @@ struct Run {
     /// First data frame → the heartbeat saying the feed ended.
     elapsed: Duration,
     trades: u64,
+    klines: u64,
     /// `at_end`'s result, taken while the broker still runs.
     at_end: u64,
 }
@@ -67,11 +68,11 @@ fn run_to_end(
     at_end: impl FnOnce(u32) -> u64,
 ) -> Result<Run, BenchRunError> {
     let bus = format!("benchsys{}{tag}", std::process::id());
-    let mut reader = Reader::open(&bus, "realtime", ReaderOptions::default().kind(FrameKind::Trade).node_name("bench"))
-        .map_err(|e| err("reader", e))?;
+    let mut reader =
+        Reader::open(&bus, "realtime", ReaderOptions::default().node_name("bench")).map_err(|e| err("reader", e))?;
     let mut child = spawn_broker(o, &bus, args, tmp)?;
     let mut first: Option<Instant> = None;
-    let mut trades = 0u64;
+    let (mut trades, mut klines) = (0u64, 0u64);
     let deadline = Instant::now() + Duration::from_secs(600);
     let result = loop {
         if Instant::now() > deadline {
@@ -80,8 +81,12 @@ fn run_to_end(
         if let Ok(Some(status)) = child.try_wait() {
             break Err(err(tag, format!("the broker exited: {status}")));
         }
-        if let Err(e) = reader.next_batch(WaitMode::Spin(Duration::from_millis(50)), |_| {
-            trades += 1;
+        if let Err(e) = reader.next_batch(WaitMode::Spin(Duration::from_millis(50)), |f| {
+            match f.kind() {
+                FrameKind::Trade => trades += 1,
+                FrameKind::Kline => klines += 1,
+                _ => return,
+            }
             if first.is_none() {
                 first = Some(Instant::now());
             }
@@ -90,7 +95,7 @@ fn run_to_end(
         }
         if first.is_some() && reader.feed_state() == FeedState::Ended {
             let elapsed = first.map_or(Duration::ZERO, |f| f.elapsed());
-            break Ok(Run { elapsed, trades, at_end: at_end(child.id()) });
+            break Ok(Run { elapsed, trades, klines, at_end: at_end(child.id()) });
         }
     };
     stop(&mut child, rustix::process::Signal::TERM);
@@ -165,7 +170,11 @@ pub fn broker(o: &BenchOptions, tmp: &Path) -> Result<Vec<Row>, BenchRunError> {
     for (name, r) in [("broker end to end, WAL off", &no_wal), ("broker end to end, WAL on (interval:10)", &with_wal)] {
         let mut row = Row::rate(name, "broker", n, r.elapsed, 0);
         row.lost = n.saturating_sub(r.trades);
-        row.note = format!("{} of {n} trades seen by a lossy reader; 16 K-line updates per trade", r.trades);
+        row.note = format!(
+            "{} of {n} trades seen by a lossy reader, with {:.1} K-line frames per trade",
+            r.trades,
+            r.klines as f64 / r.trades.max(1) as f64
+        );
         rows.push(row);
     }
     let base = rows[0].per_second.max(1e-9);
