@@ -250,6 +250,7 @@ pub fn run_scenario(scenario: &str, o: &BenchOptions) -> Result<ScenarioReport, 
         socket: socket.clone(),
         core: None,
         subscribers: 1,
+        block: false,
     };
     let mut rows = Vec::new();
     match scenario {
@@ -321,7 +322,10 @@ pub fn run_scenario(scenario: &str, o: &BenchOptions) -> Result<ScenarioReport, 
         "fanout" => {
             let count = o.count.unwrap_or(if o.quick { 500_000 } else { 5_000_000 });
             for n in [1usize, 2, 4, 8] {
-                let reports = run_fanout(&o.exe, &base(Transport::Mdbus, Mode::Throughput, count), n, pin)?;
+                // Subscribers sleep on the stream's wake-up event when idle: N spinning
+                // processes on one core would spend its time spinning instead of reading.
+                let spec = PeerSpec { block: true, ..base(Transport::Mdbus, Mode::Throughput, count) };
+                let reports = run_fanout(&o.exe, &spec, n, pin)?;
                 let slowest = reports.iter().map(|r| r.elapsed_s).fold(0.0, f64::max);
                 let fastest = reports.iter().map(|r| r.elapsed_s).fold(f64::INFINITY, f64::min);
                 let received: u64 = reports.iter().map(|r| r.received).sum();

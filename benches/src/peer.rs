@@ -74,6 +74,9 @@ pub struct PeerSpec {
     /// mdbus: the publisher starts once this many subscribers are connected (fanout).
     #[serde(default = "one")]
     pub subscribers: usize,
+    /// mdbus subscriber: sleep on the stream's wake-up event when idle instead of spinning.
+    #[serde(default)]
+    pub block: bool,
 }
 
 fn one() -> usize {
@@ -421,8 +424,13 @@ pub fn run_subscriber(spec: &PeerSpec, ready: impl FnOnce()) -> Result<PeerRepor
             let mut done = false;
             let mut bad = 0u64;
             let mut stamped = false;
+            let wait = if spec.block {
+                WaitMode::Block(Duration::from_millis(10))
+            } else {
+                WaitMode::Spin(Duration::from_millis(10))
+            };
             while !done {
-                reader.next_batch(WaitMode::Spin(Duration::from_millis(10)), |f| match f.kind() {
+                reader.next_batch(wait, |f| match f.kind() {
                     FrameKind::Kline => match f.kline() {
                         Ok(k) => {
                             if !stamped {
