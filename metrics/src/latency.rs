@@ -119,32 +119,34 @@ impl Latency {
             let Some(local) = slot.as_mut() else { return };
             local.hist.saturating_record(value_us.clamp(1, MAX_US));
             local.sum = local.sum.saturating_add(value_us);
-            // Due, or the clock stepped back: hand over.
-            if now_ns - local.last_flush_ns >= FLUSH_NS || now_ns < local.last_flush_ns {
-                local.last_flush_ns = now_ns;
-                self.hand_over(local, now_ns);
-            }
+            self.hand_over_if_due(local, now_ns);
         });
+    }
+
+    /// Due (250 ms since the last), or the clock stepped back: hand over.
+    fn hand_over_if_due(&self, local: &mut Local, now_ns: i64) {
+        if now_ns - local.last_flush_ns >= FLUSH_NS || now_ns < local.last_flush_ns {
+            local.last_flush_ns = now_ns;
+            self.hand_over(local, now_ns);
+        }
     }
 
     /// Hands this thread's values over if the last hand-over is 250 ms old: for idle paths
     /// (heartbeats, timers), so that the last values before a quiet spell reach the scrape.
     pub fn flush_if_due(&self, now_ns: i64) {
-        let _ = LOCAL.try_with(|slots| {
-            if let Some(Some(local)) = slots.borrow_mut().get_mut(self.id) {
-                if now_ns - local.last_flush_ns >= FLUSH_NS || now_ns < local.last_flush_ns {
-                    local.last_flush_ns = now_ns;
-                    self.hand_over(local, now_ns);
-                }
-            }
-        });
+        self.with_local(|local| self.hand_over_if_due(local, now_ns));
     }
 
     /// Hands this thread's values over now (a thread that stops recording calls it last).
     pub fn flush(&self, now_ns: i64) {
+        self.with_local(|local| self.hand_over(local, now_ns));
+    }
+
+    /// Runs `f` on this thread's histogram for this recorder, if it has one.
+    fn with_local(&self, f: impl FnOnce(&mut Local)) {
         let _ = LOCAL.try_with(|slots| {
             if let Some(Some(local)) = slots.borrow_mut().get_mut(self.id) {
-                self.hand_over(local, now_ns);
+                f(local);
             }
         });
     }

@@ -75,6 +75,29 @@ pub enum Command {
     BenchPeer(cmd::bench::PeerArgs),
 }
 
+/// Serves `/metrics` on `addr` (if given) from `fill`. On failure sets `stop` — the caller then
+/// stops before announcing its address: a process asked for metrics does not run without them —
+/// and returns the error.
+pub fn serve_metrics(
+    addr: Option<&str>,
+    stop: &std::sync::atomic::AtomicBool,
+    fill: impl Fn(&mut mdbus_metrics::Families) + Send + Sync + 'static,
+) -> Option<mdbus_metrics::MetricsServerError> {
+    let addr = addr?;
+    let served = mdbus_metrics::serve(addr, move || {
+        let mut f = mdbus_metrics::Families::new();
+        fill(&mut f);
+        f
+    });
+    match served {
+        Ok(_) => None,
+        Err(e) => {
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            Some(e)
+        }
+    }
+}
+
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));

@@ -115,18 +115,10 @@ pub fn run(cli: &Cli, a: &GatewayArgs) -> Result<ExitCode> {
     let bus = c.bus.clone();
     let mut metrics_err = None;
     let state = mdbus_gateway::run(c, Arc::clone(&stop), |addr, state| {
-        if let Some(m) = &a.metrics {
-            let state = Arc::clone(state);
-            if let Err(e) = mdbus_metrics::serve(m, move || {
-                let mut f = mdbus_metrics::Families::new();
-                state.families(&mut f);
-                f
-            }) {
-                // Stop before announcing the address: a gateway without its metrics is refused.
-                metrics_err = Some(e);
-                stop.store(true, std::sync::atomic::Ordering::Relaxed);
-                return;
-            }
+        let state = Arc::clone(state);
+        metrics_err = crate::serve_metrics(a.metrics.as_deref(), &stop, move |f| state.families(f));
+        if metrics_err.is_some() {
+            return;
         }
         println!("gateway listening on ws://{addr} (bus {bus}; streams at /ws/<stream>, /stream?streams=a/b)");
         use std::io::Write;

@@ -113,17 +113,10 @@ pub fn run(_cli: &Cli, a: &MockExchangeArgs) -> Result<ExitCode> {
     let stop = crate::signals::stop_flag()?;
     let mut metrics_err = None;
     let stats = mock::run(cfg, Arc::clone(&stop), |addr, stats| {
-        if let Some(m) = &a.metrics {
-            let stats = Arc::clone(stats);
-            if let Err(e) = mdbus_metrics::serve(m, move || {
-                let mut f = mdbus_metrics::Families::new();
-                stats.families(&mut f);
-                f
-            }) {
-                metrics_err = Some(e);
-                stop.store(true, std::sync::atomic::Ordering::Relaxed);
-                return;
-            }
+        let stats = Arc::clone(stats);
+        metrics_err = crate::serve_metrics(a.metrics.as_deref(), &stop, move |f| stats.families(f));
+        if metrics_err.is_some() {
+            return;
         }
         println!("mock exchange listening on ws://{addr} (REST on http://{addr})");
         use std::io::Write;
