@@ -148,7 +148,7 @@ fn spawn_peer(exe: &Path, role: &str, spec: &PeerSpec) -> Result<std::process::C
 /// Runs one publisher and `n` subscribers (pinned to core 1 when pinning; the publisher to core
 /// 0) and returns the subscribers' reports.
 fn run_fanout(exe: &Path, spec: &PeerSpec, n: usize, pin: bool) -> Result<Vec<PeerReport>, BenchRunError> {
-    let what = format!("fanout to {n}");
+    let what = format!("{} {:?} to {n} subscriber(s)", spec.transport.as_str(), spec.mode);
     let sub_spec = PeerSpec { core: pin.then_some(1), ..spec.clone() };
     let pub_spec = PeerSpec { core: pin.then_some(0), subscribers: n, ..spec.clone() };
     let mut subs: Vec<(std::process::Child, std::io::Lines<BufReader<std::process::ChildStdout>>)> = Vec::new();
@@ -190,31 +190,7 @@ fn run_fanout(exe: &Path, spec: &PeerSpec, n: usize, pin: bool) -> Result<Vec<Pe
 /// Runs one publisher/subscriber pair and returns the subscriber's report.
 fn run_pair(exe: &Path, spec: &PeerSpec, pin: bool) -> Result<PeerReport, BenchRunError> {
     let what = format!("{} {:?}", spec.transport.as_str(), spec.mode);
-    let sub_spec = PeerSpec { core: pin.then_some(1), ..spec.clone() };
-    let pub_spec = PeerSpec { core: pin.then_some(0), ..spec.clone() };
-    let mut sub = spawn_peer(exe, "sub", &sub_spec)?;
-    let out =
-        sub.stdout.take().ok_or_else(|| BenchRunError::Peer { what: what.clone(), detail: "no stdout".into() })?;
-    let mut lines = BufReader::new(out).lines();
-    match lines.next() {
-        Some(Ok(l)) if l == "ready" => {}
-        other => {
-            let _ = sub.kill();
-            return Err(BenchRunError::Peer { what, detail: format!("subscriber did not get ready: {other:?}") });
-        }
-    }
-    let mut publ = spawn_peer(exe, "pub", &pub_spec)?;
-    let pub_status = publ.wait().map_err(|source| BenchRunError::Spawn { what: what.clone(), source })?;
-    let report = lines.next();
-    let sub_status = sub.wait().map_err(|source| BenchRunError::Spawn { what: what.clone(), source })?;
-    if !pub_status.success() || !sub_status.success() {
-        return Err(BenchRunError::Peer { what, detail: format!("publisher {pub_status}, subscriber {sub_status}") });
-    }
-    let line = match report {
-        Some(Ok(l)) => l,
-        other => return Err(BenchRunError::Peer { what, detail: format!("no report: {other:?}") }),
-    };
-    serde_json::from_str(&line).map_err(|e| BenchRunError::Peer { what, detail: format!("bad report {line:?}: {e}") })
+    run_fanout(exe, spec, 1, pin)?.pop().ok_or_else(|| BenchRunError::Peer { what, detail: "no report".into() })
 }
 
 fn row(name: &str, t: Transport, r: &PeerReport) -> Row {

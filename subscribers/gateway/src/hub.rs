@@ -65,11 +65,6 @@ pub enum Command {
     },
 }
 
-/// Hands the hub thread's latency values over when due, also when no frame arrives.
-fn st_flush(st: &GatewayStats) {
-    st.fanout_latency.flush_if_due(crate::now_ns());
-}
-
 /// Counters of the gateway, shared by the hub, the server and the client tasks.
 #[derive(Debug)]
 pub struct GatewayStats {
@@ -514,9 +509,10 @@ pub fn run(
         if let Some(n) = reader.next_seq() {
             state.next_seq.store(n, Ordering::Relaxed);
         }
-        st_flush(&state.stats);
         let rs = reader.stats();
         let st = &state.stats;
+        // Also when no frame arrived: the hub's latency values reach the scrape.
+        st.fanout_latency.flush_if_due(crate::now_ns());
         st.seq_gaps.store(rs.seq.gaps, Ordering::Relaxed);
         st.seq_missing.store(rs.seq.missing, Ordering::Relaxed);
         st.seq_duplicates.store(rs.seq.duplicates, Ordering::Relaxed);

@@ -322,18 +322,17 @@ pub fn run(cli: &Cli, a: &BrokerArgs) -> Result<ExitCode> {
             Arc::clone(ingress),
         ));
     }
-    if let Some(addr) = &a.metrics {
+    {
         let m = Arc::clone(&control.metrics);
         let ingress = match &config.source {
             SourceConfig::Live { ingress, .. } => Some(Arc::clone(ingress)),
             _ => None,
         };
         let exchange = live.as_ref().map(|((_, stats), _)| Arc::clone(stats));
-        mdbus_metrics::serve(addr, move || {
-            let mut f = mdbus_metrics::Families::new();
-            m.families(&mut f);
+        let served = crate::serve_metrics(a.metrics.as_deref(), &control.stop, move |f| {
+            m.families(f);
             match &ingress {
-                Some(i) => i.families(&mut f),
+                Some(i) => i.families(f),
                 // Synthetic and dataset sources have no ingress queue: nothing queued, nothing dropped.
                 None => {
                     f.counter("market_dropped_total", "trades dropped by the ingress overload policy", 0).gauge(
@@ -344,14 +343,16 @@ pub fn run(cli: &Cli, a: &BrokerArgs) -> Result<ExitCode> {
                 }
             }
             match &exchange {
-                Some(x) => x.families(&mut f),
+                Some(x) => x.families(f),
                 None => {
                     let n = m.reconnects.load(std::sync::atomic::Ordering::Relaxed);
                     f.counter("broker_reconnect_total", "reconnects to the exchange", n);
                 }
             }
-            f
-        })?;
+        });
+        if let Some(e) = served {
+            return Err(e.into());
+        }
     }
     let janitor = spawn_janitor(&config.bus, Arc::clone(&control.stop));
     // SIGHUP re-reads the config file's broker.symbols (add / remove symbols while running).
