@@ -62,6 +62,34 @@ impl Default for StreamSettings {
     }
 }
 
+impl StreamSettings {
+    /// The delayed snapshot stream: one broker, a few durable consumers. Lossy like the real-time
+    /// stream (a stalled consumer never stalls the broker): a consumer that loses part of a
+    /// snapshot sees the gap in the stream's seq, does not ack it, and gets it again merged into
+    /// a later one.
+    pub fn snapshot() -> StreamSettings {
+        StreamSettings {
+            max_sample_bytes: 64 * 1024,
+            subscriber_buffer: 256,
+            max_subscribers: 4,
+            max_publishers: 1,
+            lossless: false,
+        }
+    }
+
+    /// The acks stream: durable consumers (several may publish) tell the broker what they made
+    /// durable.
+    pub fn acks() -> StreamSettings {
+        StreamSettings {
+            max_sample_bytes: 1024,
+            subscriber_buffer: 64,
+            max_subscribers: 2,
+            max_publishers: 8,
+            lossless: false,
+        }
+    }
+}
+
 /// A failure of the iceoryx2 layer, with the service it concerns.
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {

@@ -17,6 +17,7 @@ fuzz_target!(|data: &[u8]| {
                 FrameKind::Trade => frame.trade().map(drop),
                 FrameKind::Kline => frame.kline().map(drop),
                 FrameKind::Heartbeat => frame.heartbeat().map(drop),
+                FrameKind::Snapshot => frame.snapshot_mark().map(drop),
             };
             let _ = frame.to_owned_body();
             line.clear();

@@ -11,6 +11,7 @@
 //! same open K-line within one round are. Every data frame gets the stream's next sequence
 //! number; when nothing was sent for `heartbeat_ms`, a heartbeat carrying the last seq goes out.
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -20,16 +21,18 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mdbus_bus::{BusError, BusNode, StreamPublisher, StreamSettings};
 use mdbus_schema::frame::header;
+use mdbus_schema::frame::Body;
 use mdbus_schema::service::REALTIME_STREAM_ID;
-use mdbus_schema::{FeedState, FrameKind, FrameWriter, Heartbeat, Kline, Seq, Trade};
+use mdbus_schema::{FeedState, FrameKind, FrameRef, FrameWriter, Heartbeat, Interval, Kline, Seq, Symbol, Trade};
 
-use crate::aggregator::{AggregatorConfig, AggregatorStats, LatePolicy};
+use crate::aggregator::{AggregatorConfig, AggregatorStats, LatePolicy, SymbolSpec};
 use crate::engine::{Engine, EngineConfig, EngineStartError, WorkerInput, WorkerOutput};
 use crate::record::{RecordWriteError, Recorder};
+use crate::snapshot::{SnapshotSettings, SnapshotSink, SnapshotStart, SnapshotStartError};
 use crate::source::{Feed, Item, SourceConfig, SourceError};
 use crate::synthetic::SyntheticFeed;
 use crate::walthread::{WalSink, WalThreadStartError};
-use mdbus_wal::{RetentionPolicy, Wal, WalOptions};
+use mdbus_wal::{RetentionPolicy, Wal, WalOptions, WalReader};
 
 /// Whose clock closes K-lines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +69,32 @@ pub struct BrokerConfig {
     pub worker_cores: Vec<usize>,
     /// The write-ahead log of the real-time stream (`None`: no log).
     pub wal: Option<WalSettings>,
+    /// The delayed snapshot stream for durable consumers (`None`: not published).
+    pub snapshots: Option<SnapshotSettings>,
+    /// Start from durable state (a restart with a database): see [`RestoreState`].
+    pub restore: Option<RestoreState>,
+}
+
+/// What a restarted broker rebuilds its K-lines from: the last committed snapshot (read from the
+/// database by the caller) plus the WAL after the seq it covers.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreState {
+    /// The last committed snapshot: its id and the real-time seq it covers (`None`: nothing was
+    /// ever committed; the whole WAL is replayed).
+    pub committed: Option<(u64, Seq)>,
+    /// The open K-lines stored with it (any `symbol_id`; matched by symbol name).
+    pub open: Vec<Kline>,
+}
+
+/// What a restore did (logged; returned for tests and benchmarks).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RestoreReport {
+    pub open_klines: usize,
+    pub unknown_symbols: usize,
+    pub trades_replayed: u64,
+    pub from_seq: Seq,
+    pub to_seq: Seq,
+    pub elapsed: Duration,
 }
 
 /// Where and how the broker logs every published frame.
@@ -95,6 +124,10 @@ pub enum BrokerRunError {
     WalAppend(#[from] mdbus_wal::WalAppendError),
     #[error(transparent)]
     WalSink(#[from] crate::walthread::WalSinkError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotStartError),
+    #[error("restoring from the WAL: {0}")]
+    Restore(String),
     #[error("frame encoding failed at seq {0}")]
     Encode(Seq),
 }
@@ -112,6 +145,7 @@ pub struct BrokerReport {
     pub aggregator: AggregatorStats,
     /// Reconnects a live source reported.
     pub reconnects: u64,
+    pub restore: Option<RestoreReport>,
 }
 
 /// Nanoseconds since the Unix epoch.
@@ -134,6 +168,11 @@ struct Batcher {
     flush_after_trade: bool,
     /// Every sent sample also goes to the WAL thread.
     wal: Option<WalSink>,
+    /// Every K-line frame also goes to the snapshot thread.
+    snap: Option<SnapshotSink>,
+    /// Rebuilding state from the WAL: outputs go to the snapshot thread only, not published.
+    replaying: bool,
+    replay_seq: Seq,
     metrics: Arc<BrokerMetrics>,
 }
 
@@ -141,6 +180,15 @@ impl Batcher {
     /// Turns one worker output into frames.
     fn take(&mut self, o: WorkerOutput) {
         if self.error.is_some() {
+            return;
+        }
+        if self.replaying {
+            // Already published (and logged) before the restart: only the durable side needs them.
+            if let (WorkerOutput::Closed { kline, .. } | WorkerOutput::Update { kline, .. }, Some(s)) =
+                (&o, self.snap.as_mut())
+            {
+                s.kline(kline, self.replay_seq);
+            }
             return;
         }
         let r = match o {
@@ -196,6 +244,9 @@ impl Batcher {
         self.room_for(FrameKind::Kline)?;
         let h = self.data_header(FrameKind::Kline);
         self.writer.push_kline(h, k).map_err(|_| BrokerRunError::Encode(h.seq))?;
+        if let Some(s) = self.snap.as_mut() {
+            s.kline(k, h.seq);
+        }
         Ok(())
     }
 
@@ -289,7 +340,15 @@ pub fn run(
     // After the workers exist: a thread pinned first would hand its one-core mask to them, and
     // they could not be pinned elsewhere.
     pin(config.core);
-    let mut recorder = config.record.as_deref().map(Recorder::new).transpose()?;
+    // A restart continues its recording (cut back to what the log has, completed from it).
+    let (mut recorder, mut record_last) = match (&config.record, &config.restore) {
+        (Some(dir), Some(_)) => {
+            let (r, last) = Recorder::resume(dir)?;
+            (Some(r), last)
+        }
+        (Some(dir), None) => (Some(Recorder::new(dir)?), HashMap::new()),
+        _ => (None, HashMap::new()),
+    };
 
     // The log decides where the sequence continues: last logged seq + 1 (after recovery of a torn
     // tail), or 1 for a new log.
@@ -302,7 +361,21 @@ pub fn run(
             }
             next_seq = report.last_seq.map_or(1, |s| s + 1);
             tracing::info!(dir = %w.dir.display(), segments = report.segments, next_seq, "wal open");
-            Some(WalSink::start(wal, 64, config.stream.max_sample_bytes, w.retention, Arc::clone(&control.metrics))?)
+            let acked_floor = config.snapshots.is_some();
+            let m = Arc::clone(&control.metrics);
+            Some(WalSink::start(wal, 64, config.stream.max_sample_bytes, w.retention, acked_floor, m)?)
+        }
+        None => None,
+    };
+    let publisher_id = rand::random::<u64>();
+    let snap = match &config.snapshots {
+        Some(s) => {
+            let committed = config.restore.as_ref().and_then(|r| r.committed);
+            let start = SnapshotStart {
+                next_id: committed.map_or(1, |(id, _)| id + 1),
+                covered_seq: committed.map_or(0, |(_, seq)| seq),
+            };
+            Some(SnapshotSink::start(&config.bus, *s, start, publisher_id, Arc::clone(&control.metrics))?)
         }
         None => None,
     };
@@ -327,13 +400,26 @@ pub fn run(
         error: None,
         flush_after_trade: false,
         wal,
+        snap,
+        replaying: false,
+        replay_seq: 0,
         metrics: Arc::clone(&control.metrics),
     };
+    // Trades at or before these ids (per symbol) are already in the state: a resumed source skips them.
+    let mut resume = vec![(i64::MIN, None); specs.len()];
+    if let Some(r) = &config.restore {
+        let mut rec = recorder.as_mut().map(|r| (r, &mut record_last));
+        let report = restore(config, r, &specs, &mut engine, &mut out, &mut resume, &mut rec)?;
+        out.report.restore = Some(report);
+    }
+    if let Some(f) = feed.synthetic_mut() {
+        f.resume_after(&resume);
+    }
+    let mut skipped_resumed = 0u64;
     let metrics = &*control.metrics;
     // Exchange event → ingest means something only when event times are (shifted to) wall time.
     let ingest_latency = feed.is_live() || matches!(config.clock, ClockMode::Wall);
     let started_at_ns = now_ns();
-    let publisher_id = rand::random::<u64>();
     let hb_every = Duration::from_millis(config.heartbeat_ms.max(1));
     let mut hb = Heartbeat {
         publisher_id,
@@ -393,7 +479,17 @@ pub fn run(
         let mut n = 0;
         while n < MAX_TRADES_PER_ROUND && feed_state == FeedState::Live && feed.peek_time_us() <= horizon_us {
             let mut t = match feed.next() {
-                Some(Item::Trade(t)) => t,
+                Some(Item::Trade(t)) => {
+                    if resume.get(t.symbol_id as usize).is_some_and(|&(last, _)| t.trade_id <= last) {
+                        // Already aggregated before the restart (a resumed replay or live source).
+                        skipped_resumed += 1;
+                        if skipped_resumed == 1 {
+                            tracing::info!(symbol = %t.symbol, id = t.trade_id, "skipping trades already aggregated before the restart");
+                        }
+                        continue;
+                    }
+                    t
+                }
                 Some(Item::Down(g)) => {
                     if let Some(d) = down.get_mut(g as usize) {
                         down_count += usize::from(!*d);
@@ -460,6 +556,12 @@ pub fn run(
         }
         engine.wait_idle(&mut |o| out.take(o));
         out.flush_after_trade = false;
+        // A round boundary: every K-line handed to the snapshot thread reflects exactly the frames
+        // published so far.
+        let covered = out.next_seq - 1;
+        if let Some(s) = out.snap.as_mut() {
+            s.covered(covered);
+        }
         metrics.trades.store(out.report.trades, Ordering::Relaxed);
         if let Some(e) = out.error.take() {
             return Err(e);
@@ -521,9 +623,132 @@ pub fn run(
         let n = w.stop()?;
         tracing::info!(records = n, "wal closed");
     }
+    if let Some(s) = out.snap.take() {
+        s.stop()?;
+    }
     let mut report = out.report;
     report.last_seq = out.next_seq - 1;
     report.aggregator = aggregator;
+    Ok(report)
+}
+
+/// Rebuilds the K-line state after a restart: the open K-lines of the last committed snapshot go to
+/// the workers, then every trade the WAL logged after the seq that snapshot covers is aggregated
+/// again (nothing is published: those frames went out before the restart; the snapshot thread
+/// gets the K-lines, so durable consumers receive what they had not acked). With a recording,
+/// trades the log has but the recording lost are appended to it, and trades it has but the log
+/// lost (they will be ingested again) are cut from it.
+#[allow(clippy::too_many_arguments)]
+fn restore(
+    config: &BrokerConfig,
+    r: &RestoreState,
+    specs: &[SymbolSpec],
+    engine: &mut Engine,
+    out: &mut Batcher,
+    resume: &mut [(i64, Option<i64>)],
+    recording: &mut Option<(&mut Recorder, &mut HashMap<String, i64>)>,
+) -> Result<RestoreReport, BrokerRunError> {
+    let t0 = Instant::now();
+    let by_name: HashMap<Symbol, u32> = specs.iter().enumerate().map(|(g, s)| (s.symbol, g as u32)).collect();
+    let mut report = RestoreReport::default();
+    let mut views: BTreeMap<u32, [Option<Kline>; Interval::COUNT]> = BTreeMap::new();
+    for k in &r.open {
+        let (Some(&g), Some(iv)) = (by_name.get(&k.symbol), k.interval()) else {
+            report.unknown_symbols += 1;
+            continue;
+        };
+        let spec = &specs[g as usize];
+        if (spec.price_scale, spec.qty_scale) != (k.price_scale, k.qty_scale) {
+            tracing::warn!(symbol = %k.symbol, "stored K-line has other scales than the source's; not restored");
+            report.unknown_symbols += 1;
+            continue;
+        }
+        let k = Kline { symbol_id: g, ..*k };
+        views.entry(g).or_insert([None; Interval::COUNT])[iv.index()] = Some(k);
+        let e = &mut resume[g as usize];
+        if k.last_trade_id > e.0 {
+            *e = (k.last_trade_id, Some(k.close));
+        }
+        report.open_klines += 1;
+    }
+    for (g, v) in views {
+        engine.send(engine.worker_of(g), WorkerInput::Restore { g, views: Box::new(v) }, &mut |o| out.take(o));
+    }
+    let covered = r.committed.map_or(0, |(_, seq)| seq);
+    report.from_seq = covered + 1;
+    report.to_seq = covered;
+    let bad = |e: &dyn std::fmt::Display| BrokerRunError::Restore(e.to_string());
+    match &config.wal {
+        Some(w) => {
+            let mut reader = WalReader::open(&w.dir).map_err(|e| bad(&e))?;
+            if let Some(first) = reader.first_seq() {
+                if first > covered + 1 {
+                    tracing::error!(
+                        first,
+                        covered,
+                        "the WAL starts after the committed snapshot: trades in between are lost"
+                    );
+                }
+                // A recording is completed from the whole retained log; the state only from `covered`.
+                let start = if recording.is_some() { first.min(covered + 1) } else { covered + 1 };
+                reader.seek(start).map_err(|e| bad(&e))?;
+                out.replaying = true;
+                while let Some(rec) = reader.next_record().map_err(|e| bad(&e))? {
+                    let seq = rec.seq;
+                    let Ok(frame) = FrameRef::parse(rec.payload) else { continue };
+                    if frame.kind() != FrameKind::Trade {
+                        continue;
+                    }
+                    let Ok(Body::Trade(mut t)) = frame.to_owned_body() else { continue };
+                    let Some(&g) = by_name.get(&t.symbol) else { continue };
+                    t.symbol_id = g;
+                    if let Some((rec, last)) = recording.as_mut() {
+                        let l = last.entry(t.symbol.as_str().to_string()).or_insert(i64::MIN);
+                        if t.trade_id > *l {
+                            rec.write(&t)?;
+                            *l = t.trade_id;
+                        }
+                    }
+                    if seq <= covered {
+                        continue;
+                    }
+                    out.replay_seq = seq;
+                    engine.trade(t, now_ns(), &mut |o| out.take(o));
+                    let e = &mut resume[g as usize];
+                    if t.trade_id > e.0 {
+                        *e = (t.trade_id, Some(t.price));
+                    }
+                    report.trades_replayed += 1;
+                    report.to_seq = seq;
+                }
+                engine.wait_idle(&mut |o| out.take(o));
+                out.replaying = false;
+            }
+        }
+        None => tracing::warn!("no WAL: only the open K-lines of the last committed snapshot are restored"),
+    }
+    if let Some((rec, last)) = recording.as_mut() {
+        for (g, spec) in specs.iter().enumerate() {
+            if last.get(spec.symbol.as_str()).is_some_and(|&l| l > resume[g].0) {
+                rec.truncate_after(&spec.symbol, resume[g].0)?;
+            }
+        }
+        rec.flush()?;
+    }
+    let covered_now = out.next_seq - 1;
+    if let Some(s) = out.snap.as_mut() {
+        s.covered(covered_now);
+    }
+    report.elapsed = t0.elapsed();
+    tracing::info!(
+        open_klines = report.open_klines,
+        unknown = report.unknown_symbols,
+        trades_replayed = report.trades_replayed,
+        from_seq = report.from_seq,
+        to_seq = report.to_seq,
+        ms = report.elapsed.as_secs_f64() * 1e3,
+        "state restored from the last committed snapshot and the WAL"
+    );
     Ok(report)
 }
 

@@ -52,6 +52,12 @@ pub enum WorkerInput {
     RemoveSymbol(u32),
     /// Bigger tables, allocated off the hot path.
     Adopt(Box<AggregatorStorage>),
+    /// A restart: the symbol's open K-lines (per interval, as published) from the last durable
+    /// snapshot.
+    Restore {
+        g: u32,
+        views: Box<[Option<Kline>; mdbus_schema::Interval::COUNT]>,
+    },
 }
 
 /// What a worker produced, in order.
@@ -395,6 +401,11 @@ fn run_worker(
                 },
                 WorkerInput::RemoveSymbol(g) => {
                     agg.remove_symbol(local(g));
+                }
+                WorkerInput::Restore { g, views } => {
+                    if !agg.restore_symbol(local(g), &views) {
+                        tracing::warn!(worker = w, g, "restore for an unknown symbol ignored");
+                    }
                 }
                 WorkerInput::Adopt(mut storage) => {
                     // Swap through the same box: no allocation or free on this thread (an empty

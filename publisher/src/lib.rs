@@ -13,6 +13,7 @@ pub mod engine;
 pub mod ingress;
 pub mod metrics;
 pub mod record;
+pub mod snapshot;
 pub mod source;
 pub mod synthetic;
 pub mod walthread;

@@ -18,6 +18,28 @@ pub struct WalCounters {
     pub segments_removed: AtomicU64,
 }
 
+/// The snapshot thread's counters (the delayed stream to durable consumers).
+#[derive(Debug, Default)]
+pub struct SnapshotCounters {
+    /// Snapshots published (a re-send merged into a new snapshot counts again).
+    pub published: AtomicU64,
+    /// K-line rows published in snapshots.
+    pub rows: AtomicU64,
+    /// Acks received (any id).
+    pub acks: AtomicU64,
+    /// Snapshots committed (acked while current).
+    pub commits: AtomicU64,
+    /// Snapshots re-sent because no ack came in time.
+    pub resends: AtomicU64,
+    /// Rows waiting for an ack (frozen + changed since): what a durable consumer still lacks.
+    pub pending_rows: AtomicU64,
+    /// Real-time seq covered by the last committed snapshot: the WAL keeps everything after it.
+    pub committed_seq: AtomicU64,
+    pub last_committed_id: AtomicU64,
+    /// Times the publish thread waited for room in the queue to the snapshot thread.
+    pub queue_waits: AtomicU64,
+}
+
 /// Live counters of a running broker.
 #[derive(Debug)]
 pub struct BrokerMetrics {
@@ -37,6 +59,8 @@ pub struct BrokerMetrics {
     pub symbols_down: AtomicU64,
     /// Written by the WAL thread: a cache line of their own.
     pub wal: CachePadded<WalCounters>,
+    /// Written by the snapshot thread.
+    pub snapshots: CachePadded<SnapshotCounters>,
     /// Exchange event → ingest (µs), one value per trade.
     pub ingest_latency: Arc<Latency>,
     /// Time of one WAL commit that synced data to disk (µs).
@@ -57,6 +81,7 @@ impl Default for BrokerMetrics {
             feed_state: AtomicU64::new(0),
             symbols_down: AtomicU64::new(0),
             wal: CachePadded::new(WalCounters::default()),
+            snapshots: CachePadded::new(SnapshotCounters::default()),
             ingest_latency: Latency::new(
                 "ingest_latency_us",
                 "exchange event time to ingest by the broker, microseconds",
@@ -100,6 +125,35 @@ impl BrokerMetrics {
             .counter("wal_commits_total", "WAL group commits (one per sample)", g(&self.wal.commits))
             .counter("wal_fsync_total", "WAL data syncs to disk", g(&self.wal.syncs))
             .counter("wal_segments_removed_total", "WAL segments removed by retention", g(&self.wal.segments_removed))
+            .counter("snapshot_published_total", "delayed snapshots published", g(&self.snapshots.published))
+            .counter("snapshot_rows_total", "K-line rows published in snapshots", g(&self.snapshots.rows))
+            .counter("snapshot_acks_total", "acks received from durable consumers", g(&self.snapshots.acks))
+            .counter("snapshot_commits_total", "snapshots committed on ack", g(&self.snapshots.commits))
+            .counter(
+                "snapshot_resends_total",
+                "snapshots re-sent (merged into a new one) because no ack came in time",
+                g(&self.snapshots.resends),
+            )
+            .gauge(
+                "snapshot_pending_rows",
+                "K-line rows not yet acked by a durable consumer",
+                g(&self.snapshots.pending_rows) as f64,
+            )
+            .gauge(
+                "snapshot_committed_seq",
+                "real-time seq covered by the last committed snapshot",
+                g(&self.snapshots.committed_seq) as f64,
+            )
+            .gauge(
+                "snapshot_last_committed_id",
+                "id of the last committed snapshot",
+                g(&self.snapshots.last_committed_id) as f64,
+            )
+            .counter(
+                "snapshot_queue_waits_total",
+                "times the publish thread waited for the snapshot thread",
+                g(&self.snapshots.queue_waits),
+            )
             .latency(&self.ingest_latency)
             .latency(&self.wal_fsync_latency);
     }

@@ -157,6 +157,19 @@ impl SyntheticFeed {
         Ok((id as u32, spec))
     }
 
+    /// A restarted broker continues each symbol after its last trade (`last[id]`, `i64::MIN` for
+    /// none): ids go on from there, and the price walk from that trade's price when known.
+    pub fn resume_after(&mut self, last: &[(i64, Option<i64>)]) {
+        for (s, &(id, price)) in self.syms.iter_mut().zip(last) {
+            if id != i64::MIN {
+                s.next_id = s.next_id.max(id.saturating_add(1));
+            }
+            if let Some(p) = price {
+                s.price = p.max(s.tick);
+            }
+        }
+    }
+
     /// Stops trading a symbol (its id is never reused).
     pub fn remove_symbol(&mut self, id: u32) {
         self.active.retain(|&i| i != id);

@@ -56,6 +56,7 @@ impl WalSink {
         buffers: usize,
         buffer_bytes: usize,
         retention: RetentionPolicy,
+        acked_floor: bool,
         metrics: Arc<BrokerMetrics>,
     ) -> Result<WalSink, WalThreadStartError> {
         let (full, mut from_publisher) = RingBuffer::<Vec<u8>>::new(buffers);
@@ -107,8 +108,10 @@ impl WalSink {
                 }
                 if last_retention.elapsed() > Duration::from_secs(10) {
                     last_retention = Instant::now();
-                    // The acked floor comes with durable consumers (the batch writer).
-                    if let Ok(gone) = wal.retain(&retention, None) {
+                    // With durable consumers (the batch writer), nothing after the last committed
+                    // snapshot is removed: a restart rebuilds from that snapshot plus the log.
+                    let floor = acked_floor.then(|| metrics.snapshots.committed_seq.load(Ordering::Relaxed));
+                    if let Ok(gone) = wal.retain(&retention, floor) {
                         metrics.wal.segments_removed.fetch_add(gone.len() as u64, Ordering::Relaxed);
                         for p in gone {
                             tracing::info!(file = %p.display(), "wal segment removed by retention");

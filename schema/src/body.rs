@@ -266,3 +266,56 @@ pub struct Heartbeat {
     /// When this broker incarnation started, ns since the epoch.
     pub started_at_ns: i64,
 }
+
+/// What a [`SnapshotMark`] marks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum SnapshotPhase {
+    /// On the snapshot stream, before the snapshot's K-line frames.
+    Begin = 0,
+    /// On the snapshot stream, after the last of them: the snapshot is complete.
+    End = 1,
+    /// On the acks stream, from a durable consumer: snapshot `snapshot_id` is durable.
+    Ack = 2,
+}
+
+impl SnapshotPhase {
+    pub fn from_u8(v: u8) -> Option<SnapshotPhase> {
+        Some(match v {
+            0 => SnapshotPhase::Begin,
+            1 => SnapshotPhase::End,
+            2 => SnapshotPhase::Ack,
+            _ => return None,
+        })
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SnapshotPhase::Begin => "begin",
+            SnapshotPhase::End => "end",
+            SnapshotPhase::Ack => "ack",
+        }
+    }
+}
+
+/// Bounds a delayed snapshot on the snapshot stream, or acks one on the acks stream.
+///
+/// A snapshot is `Begin`, then `rows` K-line frames (the K-lines closed since the last committed
+/// snapshot, then the current state of every open K-line changed since then), then `End`; it
+/// reflects every real-time frame up to `covered_seq` and nothing after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(derive(Debug))]
+pub struct SnapshotMark {
+    pub snapshot_id: u64,
+    /// The real-time stream's seq the snapshot covers.
+    pub covered_seq: u64,
+    /// The broker incarnation (as in its heartbeats) that published the snapshot; an ack repeats
+    /// it, so a broker never commits on an ack meant for its predecessor.
+    pub publisher_id: u64,
+    /// K-line frames between `Begin` and `End`.
+    pub rows: u32,
+    /// Non-zero: the broker's memory bound was reached, and the K-lines closed by real-time frames
+    /// `wal_from_seq..=covered_seq` are not all in the snapshot: read them from the WAL.
+    pub wal_from_seq: u64,
+    /// [`SnapshotPhase`] as its wire value.
+    pub phase: u8,
+}

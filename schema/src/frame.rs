@@ -25,7 +25,10 @@
 use rkyv::rancor::Failure;
 use rkyv::util::AlignedVec;
 
-use crate::body::{ArchivedHeartbeat, ArchivedKline, ArchivedTrade, FeedState, Heartbeat, Kline, Trade};
+use crate::body::{
+    ArchivedHeartbeat, ArchivedKline, ArchivedSnapshotMark, ArchivedTrade, FeedState, Heartbeat, Kline, SnapshotMark,
+    SnapshotPhase, Trade,
+};
 use crate::decimal::MAX_SCALE;
 use crate::interval::Interval;
 use crate::Seq;
@@ -48,6 +51,8 @@ pub enum FrameKind {
     Trade = 1,
     Kline = 2,
     Heartbeat = 3,
+    /// A snapshot boundary or ack ([`crate::body::SnapshotMark`]).
+    Snapshot = 4,
 }
 
 impl FrameKind {
@@ -56,6 +61,7 @@ impl FrameKind {
             1 => FrameKind::Trade,
             2 => FrameKind::Kline,
             3 => FrameKind::Heartbeat,
+            4 => FrameKind::Snapshot,
             _ => return None,
         })
     }
@@ -65,6 +71,7 @@ impl FrameKind {
             FrameKind::Trade => "trade",
             FrameKind::Kline => "kline",
             FrameKind::Heartbeat => "heartbeat",
+            FrameKind::Snapshot => "snapshot",
         }
     }
     /// Data frames take a sequence number; heartbeats repeat the last one.
@@ -247,7 +254,7 @@ impl<'a> FrameRef<'a> {
         const _: () = assert!(AT == std::mem::offset_of!(ArchivedTrade, symbol));
         match self.header.kind {
             FrameKind::Trade | FrameKind::Kline => self.body.get(AT..AT + crate::symbol::SYMBOL_MAX_LEN),
-            FrameKind::Heartbeat => None,
+            FrameKind::Heartbeat | FrameKind::Snapshot => None,
         }
     }
 
@@ -297,6 +304,18 @@ impl<'a> FrameRef<'a> {
         Ok(h)
     }
 
+    /// The archived snapshot mark, validated, in place.
+    pub fn snapshot_mark(&self) -> Result<&'a ArchivedSnapshotMark, FrameDecodeError> {
+        self.expect(FrameKind::Snapshot)?;
+        let seq = self.header.seq;
+        let m = rkyv::api::low::access::<ArchivedSnapshotMark, Failure>(self.body)
+            .map_err(|_| FrameDecodeError::InvalidBody { seq, kind: FrameKind::Snapshot })?;
+        if SnapshotPhase::from_u8(m.phase).is_none() {
+            return Err(FrameDecodeError::InvalidField { seq, field: "phase" });
+        }
+        Ok(m)
+    }
+
     /// Copies the body out as an owned value, whatever the buffer's alignment.
     pub fn to_owned_body(&self) -> Result<Body, FrameDecodeError> {
         let mut aligned: AlignedVec<FRAME_ALIGN> = AlignedVec::with_capacity(self.body.len());
@@ -317,6 +336,10 @@ impl<'a> FrameRef<'a> {
                 rkyv::api::deserialize_using::<Heartbeat, _, Failure>(copy.heartbeat()?, &mut ())
                     .map_err(|_| de(FrameKind::Heartbeat))?,
             ),
+            FrameKind::Snapshot => Body::Snapshot(
+                rkyv::api::deserialize_using::<SnapshotMark, _, Failure>(copy.snapshot_mark()?, &mut ())
+                    .map_err(|_| de(FrameKind::Snapshot))?,
+            ),
         })
     }
 }
@@ -327,6 +350,7 @@ pub enum Body {
     Trade(Trade),
     Kline(Kline),
     Heartbeat(Heartbeat),
+    Snapshot(SnapshotMark),
 }
 
 /// Iterates the frames of a buffer (a shared-memory sample, a WAL record). Stops at the first
@@ -448,6 +472,16 @@ impl FrameWriter {
     }
 }
 
+impl FrameWriter {
+    /// Appends a snapshot mark frame; returns the bytes it took.
+    pub fn push_snapshot_mark(&mut self, header: FrameHeader, m: &SnapshotMark) -> Result<usize, FrameEncodeError> {
+        self.push_with(FrameHeader { kind: FrameKind::Snapshot, ..header }, |w| {
+            rkyv::api::low::to_bytes_in_with_alloc::<_, _, Failure>(m, w, rkyv::ser::allocator::SubAllocator::empty())
+                .map(|_| ())
+        })
+    }
+}
+
 /// Size in bytes of one encoded frame of each kind (bodies are fixed-size).
 pub fn encoded_frame_len(kind: FrameKind) -> usize {
     FRAME_HEADER_LEN
@@ -455,6 +489,7 @@ pub fn encoded_frame_len(kind: FrameKind) -> usize {
             FrameKind::Trade => std::mem::size_of::<ArchivedTrade>(),
             FrameKind::Kline => std::mem::size_of::<ArchivedKline>(),
             FrameKind::Heartbeat => std::mem::size_of::<ArchivedHeartbeat>(),
+            FrameKind::Snapshot => std::mem::size_of::<ArchivedSnapshotMark>(),
         })
 }
 

@@ -173,6 +173,14 @@ pub fn write_frame_line(out: &mut String, frame: &FrameRef<'_>) -> Result<(), Fr
         }),
         FrameKind::Trade => frame.trade().map(|t| write_trade_fields(out, t)),
         FrameKind::Heartbeat => frame.heartbeat().map(|hb| write_heartbeat_fields(out, hb)),
+        FrameKind::Snapshot => frame.snapshot_mark().map(|m| {
+            let phase = crate::body::SnapshotPhase::from_u8(m.phase).map_or("?", |p| p.as_str());
+            let _ = write!(
+                out,
+                "\"phase\":\"{phase}\",\"snapshot_id\":{},\"covered_seq\":{},\"rows\":{},\"wal_from_seq\":{},\"publisher_id\":\"{:016x}\"",
+                m.snapshot_id, m.covered_seq, m.rows, m.wal_from_seq, m.publisher_id
+            );
+        }),
     };
     match res {
         Ok(()) => {

@@ -21,7 +21,10 @@ pub mod json;
 pub mod service;
 pub mod symbol;
 
-pub use body::{ArchivedHeartbeat, ArchivedKline, ArchivedTrade, FeedState, Heartbeat, Kline, Trade};
+pub use body::{
+    ArchivedHeartbeat, ArchivedKline, ArchivedSnapshotMark, ArchivedTrade, FeedState, Heartbeat, Kline, SnapshotMark,
+    SnapshotPhase, Trade,
+};
 pub use decimal::{DecimalParseError, Fixed};
 pub use frame::{
     FrameDecodeError, FrameEncodeError, FrameHeader, FrameIter, FrameKind, FrameRef, FrameWriter, FRAME_ALIGN,

@@ -7,6 +7,11 @@
 /// Stream id of the real-time stream (trades + K-line updates/closes + heartbeats).
 pub const REALTIME_STREAM_ID: u32 = 1;
 
+/// Stream id of the delayed snapshot stream (K-line snapshots for durable consumers).
+pub const SNAPSHOT_STREAM_ID: u32 = 2;
+/// Stream id of the acks stream (durable consumers → broker).
+pub const ACKS_STREAM_ID: u32 = 3;
+
 /// Name of a stream's publish-subscribe service on bus `bus`.
 pub fn stream_service(bus: &str, stream: &str) -> String {
     format!("mdbus/{bus}/{stream}/v{}", crate::SCHEMA_VERSION)
@@ -18,7 +23,8 @@ pub fn stream_wake_service(bus: &str, stream: &str) -> String {
 }
 
 /// The streams a broker publishes, with their ids.
-pub const STREAMS: &[(&str, u32)] = &[("realtime", REALTIME_STREAM_ID)];
+pub const STREAMS: &[(&str, u32)] =
+    &[("realtime", REALTIME_STREAM_ID), ("snapshot", SNAPSHOT_STREAM_ID), ("acks", ACKS_STREAM_ID)];
 
 /// The id of a stream by name.
 pub fn stream_id(name: &str) -> Option<u32> {

@@ -24,6 +24,49 @@ pub struct Config {
     pub gateway: GatewaySection,
     #[serde(default)]
     pub metrics: MetricsSection,
+    #[serde(default)]
+    pub batch: BatchSection,
+}
+
+/// Durable K-lines: the broker's delayed snapshot stream, the batch writer's database, the
+/// broker's restart from it.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchSection {
+    /// The broker publishes the snapshot stream and restarts from the database.
+    pub enabled: bool,
+    /// `sqlite:PATH` or `postgres://…`; empty: `sqlite:<data dir>/<bus>/klines.db`.
+    pub db: String,
+    pub snapshot_interval_ms: u64,
+    pub ack_timeout_ms: u64,
+    pub max_pending_closed: usize,
+    /// The broker waits this long for the database at start-up before giving up.
+    pub restore_timeout_s: f64,
+}
+
+impl Default for BatchSection {
+    fn default() -> Self {
+        BatchSection {
+            enabled: false,
+            db: String::new(),
+            snapshot_interval_ms: 100,
+            ack_timeout_ms: 2000,
+            max_pending_closed: 500_000,
+            restore_timeout_s: 30.0,
+        }
+    }
+}
+
+impl BatchSection {
+    /// The database of `bus`.
+    pub fn db_for(&self, bus: &str) -> Result<mdbus_store::DbUrl> {
+        let s = if self.db.is_empty() {
+            format!("sqlite:{}", data_dir(bus).join("klines.db").display())
+        } else {
+            self.db.clone()
+        };
+        s.parse::<mdbus_store::DbUrl>().map_err(|e| anyhow::anyhow!("batch.db = {s:?}: {e}"))
+    }
 }
 
 /// Prometheus endpoints: the addresses `mdbus demo` gives its processes and `mdbus stats` reads.
@@ -257,6 +300,14 @@ impl Config {
         if let Err(e) = self.wal.durability.parse::<mdbus_wal::Durability>() {
             bail!("wal.durability: {e}");
         }
+        if self.batch.snapshot_interval_ms == 0 || self.batch.ack_timeout_ms == 0 {
+            bail!("batch.snapshot_interval_ms and batch.ack_timeout_ms must be positive");
+        }
+        if !self.batch.db.is_empty() {
+            if let Err(e) = self.batch.db.parse::<mdbus_store::DbUrl>() {
+                bail!("batch.db = {:?}: {e}", self.batch.db);
+            }
+        }
         if self.wal.segment_bytes < 4096 {
             bail!("wal.segment_bytes = {} is below 4096", self.wal.segment_bytes);
         }
@@ -322,6 +373,7 @@ mod tests {
         assert_eq!(c.bus, BusSection::default());
         assert_eq!(c.broker, BrokerSection::default());
         assert_eq!(c.wal, WalSection::default());
+        assert_eq!(c.batch, BatchSection::default());
     }
 
     #[test]

@@ -58,6 +58,7 @@ pub enum Command {
     Broker(Box<cmd::broker::BrokerArgs>),
     /// Serve the bus to WebSocket clients, speaking Binance's market-stream protocol.
     Gateway(cmd::gateway::GatewayArgs),
+    Batch(cmd::batch::BatchArgs),
     /// A local Binance-compatible exchange (synthetic or dataset trades) with fault injection.
     MockExchange(cmd::mock_exchange::MockExchangeArgs),
     /// Print frames of a stream as JSON lines.
@@ -115,6 +116,7 @@ fn main() -> ExitCode {
         Command::Demo(a) => cmd::demo::run(&cli, a),
         Command::Broker(a) => cmd::broker::run(&cli, a),
         Command::Gateway(a) => cmd::gateway::run(&cli, a),
+        Command::Batch(a) => cmd::batch::run(&cli, a),
         Command::MockExchange(a) => cmd::mock_exchange::run(&cli, a),
         Command::Tail(a) => cmd::tail::run(&cli, a),
         Command::Replay(a) => cmd::replay::run(&cli, a),

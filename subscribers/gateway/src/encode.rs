@@ -26,7 +26,7 @@ pub fn frame_key(frame: &FrameRef<'_>) -> Option<DataKey> {
             let iv = frame.peek_interval().and_then(mdbus_schema::Interval::from_u8)?;
             Some(DataKey { symbol, topic: Topic::Kline(iv) })
         }
-        FrameKind::Heartbeat => None,
+        FrameKind::Heartbeat | FrameKind::Snapshot => None,
     }
 }
 
@@ -64,12 +64,8 @@ pub fn write_event_open(out: &mut String, frame: &FrameRef<'_>, unit: TimeUnit) 
             write_trade_fields_in(out, t, unit);
             out.push_str(",\"M\":true");
         }
-        FrameKind::Heartbeat => {
-            return Err(FrameDecodeError::WrongKind {
-                seq: frame.seq(),
-                expected: FrameKind::Kline,
-                found: FrameKind::Heartbeat,
-            })
+        found @ (FrameKind::Heartbeat | FrameKind::Snapshot) => {
+            return Err(FrameDecodeError::WrongKind { seq: frame.seq(), expected: FrameKind::Kline, found })
         }
     }
     Ok(())

@@ -8,10 +8,12 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use mdbus_publisher::aggregator::LatePolicy;
-use mdbus_publisher::broker::{self, BrokerConfig, BrokerControl, ClockMode, SymbolsSource, WalSettings};
+use mdbus_publisher::broker::{self, BrokerConfig, BrokerControl, ClockMode, RestoreState, SymbolsSource, WalSettings};
 use mdbus_publisher::ingress::{Ingress, IngressPolicy};
+use mdbus_publisher::snapshot::SnapshotSettings;
 use mdbus_publisher::source::SourceConfig;
 use mdbus_publisher::synthetic::{symbol_names, SyntheticConfig};
+use mdbus_store::{DbUrl, Store};
 use mdbus_wal::{Durability, RetentionPolicy, WalOptions};
 
 use mdbus_exchange::client::{LiveConfig, TradeStream};
@@ -101,6 +103,17 @@ pub struct BrokerArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9740; port 0: any free).
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<String>,
+    /// Durable K-lines [config: batch.enabled]: publish the delayed snapshot stream for
+    /// `mdbus batch` and restart from its database.
+    #[arg(long)]
+    pub snapshots: bool,
+    /// The batch writer's database, read at start-up to continue K-lines (implies --snapshots)
+    /// [config: batch.db].
+    #[arg(long, value_name = "URL")]
+    pub db: Option<String>,
+    /// Milliseconds between snapshots [config: batch.snapshot_interval_ms].
+    #[arg(long)]
+    pub snapshot_interval_ms: Option<u64>,
 }
 
 pub fn parse_symbols(s: &str) -> Result<Vec<String>> {
@@ -124,7 +137,10 @@ pub fn parse_symbols(s: &str) -> Result<Vec<String>> {
 
 /// Merges file/env/flags into the broker's typed config, and for a live source the settings of
 /// its exchange connections (started by [`run`]).
-pub fn broker_config(cli: &Cli, a: &BrokerArgs) -> Result<(BrokerConfig, Option<LiveConfig>)> {
+/// The database a broker with durable K-lines restarts from, and how long it waits for it.
+pub type RestoreDb = Option<(DbUrl, f64)>;
+
+pub fn broker_config(cli: &Cli, a: &BrokerArgs) -> Result<(BrokerConfig, Option<LiveConfig>, RestoreDb)> {
     // Before anything touches the disk: the bus name becomes part of paths.
     mdbus_schema::service::validate_bus_name(&cli.bus()).map_err(anyhow::Error::msg)?;
     let mut cfg = Config::load(cli.config.as_deref())?;
@@ -202,6 +218,16 @@ pub fn broker_config(cli: &Cli, a: &BrokerArgs) -> Result<(BrokerConfig, Option<
     if let Some(v) = &a.clock {
         b.clock = v.clone();
     }
+    if a.snapshots {
+        cfg.batch.enabled = true;
+    }
+    if let Some(db) = &a.db {
+        cfg.batch.enabled = true;
+        cfg.batch.db = db.clone();
+    }
+    if let Some(v) = a.snapshot_interval_ms {
+        cfg.batch.snapshot_interval_ms = v;
+    }
     cfg.validate()?;
     let b = &cfg.broker;
     let source = if let Some(path) = b.source.strip_prefix("csv:") {
@@ -250,8 +276,16 @@ pub fn broker_config(cli: &Cli, a: &BrokerArgs) -> Result<(BrokerConfig, Option<
             },
             retention: RetentionPolicy { max_bytes: Some(cfg.wal.retention_bytes), max_age: None },
         }),
+        snapshots: cfg.batch.enabled.then(|| SnapshotSettings {
+            interval: Duration::from_millis(cfg.batch.snapshot_interval_ms),
+            ack_timeout: Duration::from_millis(cfg.batch.ack_timeout_ms),
+            max_pending_closed: cfg.batch.max_pending_closed,
+            ..SnapshotSettings::default()
+        }),
+        restore: None,
     };
-    Ok((config, live))
+    let db = if cfg.batch.enabled { Some(cfg.batch.db_for(&cli.bus())?) } else { None };
+    Ok((config, live, db.map(|d| (d, cfg.batch.restore_timeout_s))))
 }
 
 /// The live source's connection settings for `broker.source` (`ws:URL` or `binance`).
@@ -306,8 +340,44 @@ fn spawn_janitor(bus: &str, stop: Arc<std::sync::atomic::AtomicBool>) -> Option<
     spawned.map_err(|e| tracing::warn!(error = %e, "dead-process cleanup not running")).ok()
 }
 
+/// The last committed snapshot and the open K-lines stored with it, waiting (with backoff) up to
+/// `timeout_s` for the database to answer.
+pub fn read_restore_state(url: &DbUrl, bus: &str, timeout_s: f64) -> Result<RestoreState> {
+    use backon::BackoffBuilder;
+    let t0 = std::time::Instant::now();
+    let deadline = t0 + Duration::from_secs_f64(timeout_s.max(0.0));
+    let mut delays = backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(2))
+        .without_max_times()
+        .build();
+    let read = || -> Result<RestoreState, mdbus_store::StoreError> {
+        let mut store = Store::open(url)?;
+        let committed = store.committed(bus)?;
+        let open = if committed.is_some() { store.open_klines()? } else { Vec::new() };
+        Ok(RestoreState { committed: committed.map(|c| (c.snapshot_id, c.covered_seq)), open })
+    };
+    loop {
+        match read() {
+            Ok(r) => {
+                tracing::info!(db = %url, committed = ?r.committed, open_klines = r.open.len(), ms = t0.elapsed().as_millis() as u64, "restart state read from the database");
+                return Ok(r);
+            }
+            Err(e) if e.is_unavailable() && std::time::Instant::now() < deadline => {
+                let d = delays.next().unwrap_or(Duration::from_secs(1));
+                tracing::warn!(db = %url, error = %e, retry_ms = d.as_millis() as u64, "database unavailable at start-up; retrying");
+                std::thread::sleep(d);
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context(format!("reading the restart state from {url}"))),
+        }
+    }
+}
+
 pub fn run(cli: &Cli, a: &BrokerArgs) -> Result<ExitCode> {
-    let (config, live_cfg) = broker_config(cli, a)?;
+    let (mut config, live_cfg, db) = broker_config(cli, a)?;
+    if let Some((url, timeout_s)) = &db {
+        config.restore = Some(read_restore_state(url, &config.bus, *timeout_s)?);
+    }
     let control = BrokerControl {
         stop: crate::signals::stop_flag()?,
         reload: crate::signals::reload_flag()?,

@@ -73,7 +73,8 @@ pub fn run(cli: &Cli, a: &TailArgs) -> Result<ExitCode> {
             "trade" => FrameKind::Trade,
             "kline" => FrameKind::Kline,
             "heartbeat" => FrameKind::Heartbeat,
-            other => bail!("--kind {other:?}: expected trade, kline or heartbeat"),
+            "snapshot" => FrameKind::Snapshot,
+            other => bail!("--kind {other:?}: expected trade, kline, heartbeat or snapshot"),
         };
         opts = opts.kind(kind);
     }
