@@ -8,9 +8,11 @@
 //!
 //! Beyond Binance: every message carries the bus `seq`; `fromSeq=N` resumes from the write-ahead
 //! log and joins live with no gap and no duplicate; `mdbus@health` streams publisher health.
+//! With a K-line database (`db`), REST `GET /api/v3/klines` serves history from it ([`klines`]).
 
 pub mod encode;
 pub mod hub;
+pub mod klines;
 pub mod outbox;
 pub mod protocol;
 mod rest;
@@ -24,6 +26,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use mdbus_bus::StreamSettings;
+use mdbus_store::DbUrl;
 use mdbus_subscribers::{Reader, ReaderOptions};
 
 pub use hub::{GatewayStats, HubOptions, HubState};
@@ -61,6 +64,8 @@ pub struct GatewayConfig {
     /// tokio worker threads.
     pub threads: usize,
     pub hub: HubOptions,
+    /// The K-line database `GET /api/v3/klines` reads (`None`: the endpoint answers 503).
+    pub db: Option<DbUrl>,
 }
 
 impl GatewayConfig {
@@ -83,6 +88,7 @@ impl GatewayConfig {
             pong_timeout: Duration::from_secs(60),
             threads: 1,
             hub: HubOptions::default(),
+            db: None,
         }
     }
 }
@@ -108,6 +114,8 @@ pub struct Ctx {
     hub: Mutex<mpsc::Sender<hub::Command>>,
     /// Concurrent `fromSeq` log replays.
     catch_ups: tokio::sync::Semaphore,
+    /// Behind `GET /api/v3/klines`.
+    klines_db: Option<Arc<klines::KlinesDb>>,
 }
 
 impl Ctx {
@@ -163,6 +171,7 @@ pub fn run(
         state: Arc::clone(&state),
         hub: Mutex::new(tx),
         catch_ups: tokio::sync::Semaphore::new(4),
+        klines_db: cfg.db.clone().map(|url| Arc::new(klines::KlinesDb::new(url))),
     });
     let rt = if cfg.threads <= 1 {
         tokio::runtime::Builder::new_current_thread().enable_all().build()?

@@ -1,5 +1,6 @@
 //! HTTP on the gateway's port: the WebSocket upgrade (`/ws`, `/ws/<streams>`, `/stream`), the
-//! REST calls Binance clients make before streaming, and `/health`.
+//! REST calls Binance clients make before streaming, K-line history (`/api/v3/klines`, from the
+//! database), and `/health`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -61,7 +62,7 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Ctx>, mut shutdown: watch::Re
             let svc = hyper::service::service_fn(move |req| {
                 let ctx = Arc::clone(&ctx);
                 let shutdown = shutdown.clone();
-                async move { Ok::<_, Infallible>(route(req, ctx, peer, shutdown)) }
+                async move { Ok::<_, Infallible>(route(req, ctx, peer, shutdown).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -99,7 +100,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn route(req: Request<Incoming>, ctx: Arc<Ctx>, peer: SocketAddr, shutdown: watch::Receiver<bool>) -> Resp {
+async fn route(req: Request<Incoming>, ctx: Arc<Ctx>, peer: SocketAddr, shutdown: watch::Receiver<bool>) -> Resp {
     let params = params(&req);
     if !authorized(&ctx, &req, &params) {
         return error(
@@ -127,6 +128,10 @@ fn route(req: Request<Incoming>, ctx: Arc<Ctx>, peer: SocketAddr, shutdown: watc
             stats.rest_requests.fetch_add(1, Ordering::Relaxed);
             crate::rest::exchange_info(&ctx, &params)
         }
+        "/api/v3/klines" => {
+            stats.rest_requests.fetch_add(1, Ordering::Relaxed);
+            klines(&ctx, &params).await
+        }
         "/health" => {
             let s = &ctx.state;
             let body = serde_json::json!({
@@ -139,6 +144,31 @@ fn route(req: Request<Incoming>, ctx: Arc<Ctx>, peer: SocketAddr, shutdown: watc
         }
         p if p == "/ws" || p == "/stream" || p.starts_with("/ws/") => upgrade(req, &params, ctx, peer, shutdown),
         _ => error(StatusCode::NOT_FOUND, -1000, "not found"),
+    }
+}
+
+/// `GET /api/v3/klines` (see [`crate::klines`]).
+async fn klines(ctx: &Ctx, params: &[(String, String)]) -> Resp {
+    let answer = match crate::klines::parse_query(params) {
+        Err(e) => Err(e),
+        Ok(q) => match &ctx.klines_db {
+            None => Err(crate::klines::KlinesError {
+                status: 503,
+                code: -1000,
+                msg: "No K-line database configured: start the gateway with --db URL.".into(),
+            }),
+            Some(db) => {
+                let known = ctx.state.symbols.lock().is_ok_and(|s| s.contains(&q.symbol));
+                db.query(q, known).await
+            }
+        },
+    };
+    match answer {
+        Ok(rows) => json(StatusCode::OK, crate::klines::render(&rows)),
+        Err(e) => {
+            ctx.state.stats.request_errors.fetch_add(1, Ordering::Relaxed);
+            error(StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_REQUEST), e.code, &e.msg)
+        }
     }
 }
 

@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Args;
 use mdbus_gateway::{GatewayConfig, HubOptions, SlowPolicy};
+use mdbus_store::DbUrl;
 
 use crate::config::Config;
 use crate::Cli;
@@ -56,6 +57,10 @@ pub struct GatewayArgs {
     /// The real-time stream's write-ahead log, for `fromSeq` resumes [default: the broker's].
     #[arg(long, env = "MDBUS_WAL", value_name = "DIR")]
     pub wal: Option<std::path::PathBuf>,
+    /// K-line database for `GET /api/v3/klines`: `sqlite:PATH` or `postgres://USER@HOST:PORT/DB`.
+    // Parsed in `config`, not by clap: clap's error would echo the value, password included.
+    #[arg(long, value_name = "URL")]
+    pub db: Option<String>,
 }
 
 pub fn config(cli: &Cli, a: &GatewayArgs) -> Result<GatewayConfig> {
@@ -92,6 +97,7 @@ pub fn config(cli: &Cli, a: &GatewayArgs) -> Result<GatewayConfig> {
     c.pong_timeout = secs("pong-timeout", a.pong_timeout.unwrap_or(g.pong_timeout_s))?;
     c.threads = a.threads.unwrap_or(g.threads).max(1);
     c.hub = HubOptions { core: a.core.or(g.core), ..HubOptions::default() };
+    c.db = a.db.as_deref().map(str::parse::<DbUrl>).transpose().context("--db")?;
     Ok(c)
 }
 
