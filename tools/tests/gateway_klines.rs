@@ -202,3 +202,33 @@ fn gateway_refuses_a_malformed_database_url() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("sqlite:PATH") && !err.contains("topsecret"), "{err}");
 }
+
+#[test]
+fn gateway_reads_postgres_and_rides_out_a_server_restart() {
+    let dir = TempDir::new("gwklinespg");
+    let mut pg = mdbus_store::testing::PgServer::start(&dir.0).unwrap_or_else(|e| panic!("{e}"));
+    let url: DbUrl = pg.url().parse().unwrap();
+    let rows: Vec<Kline> = (0..5).map(btc).collect();
+    Store::open(&url).unwrap().write_snapshot("lab", 1, 10, &rows).unwrap();
+    let bus = unique_bus("gwklinespg");
+    let gw = Gateway::start(&bus, &["--db", &pg.url()]);
+    let path = "/api/v3/klines?symbol=BTCUSDT&interval=1m";
+    let (status, first) = get_json(&gw, path);
+    assert_eq!((status, open_times(&first)), (200, vec![0, 1, 2, 3, 4]), "{first}");
+    assert_eq!(first[2][7], "1090.42512520");
+
+    // The kept connection died with the server: the request reconnects and is answered.
+    pg.stop().unwrap();
+    pg.start_again().unwrap();
+    assert_eq!(get_json(&gw, path), (200, first.clone()));
+
+    // While the server is down: 503 with Binance's -1001; served again once it is back.
+    pg.stop().unwrap();
+    assert_eq!(error_code(&gw, path), (503, -1001));
+    pg.start_again().unwrap();
+    assert_eq!(get_json(&gw, path), (200, first));
+
+    let (ok, err) = gw.proc.stop(Duration::from_secs(10));
+    assert!(ok, "gateway failed: {err}");
+    forget_bus(&bus);
+}
