@@ -76,6 +76,10 @@ impl Pg {
     }
 
     fn migrate(&mut self) -> Result<(), StoreError> {
+        // A current schema needs no DDL (nor the right to run it: a reader may have none).
+        if self.current_version()? == Some(sql::SCHEMA_VERSION) {
+            return Ok(());
+        }
         let url = &self.url;
         let err = |context| fail(url, context);
         let mut tx = self.client.transaction().map_err(err("starting migration"))?;
@@ -104,6 +108,29 @@ impl Pg {
             Some(_) => {}
         }
         tx.commit().map_err(err("committing the migration"))
+    }
+
+    /// The recorded schema version, `None` without the version table or a row in it.
+    fn current_version(&mut self) -> Result<Option<i64>, StoreError> {
+        let exists: bool = self
+            .client
+            .query_one("SELECT to_regclass('mdbus_schema_version') IS NOT NULL", &[])
+            .map_err(self.err("looking for mdbus_schema_version"))?
+            .get(0);
+        if !exists {
+            return Ok(None);
+        }
+        let found: Option<i64> = self
+            .client
+            .query_one("SELECT max(version)::int8 FROM mdbus_schema_version", &[])
+            .map_err(self.err("reading the schema version"))?
+            .get(0);
+        match found {
+            Some(v) if v > sql::SCHEMA_VERSION => {
+                Err(StoreError::SchemaTooNew { url: self.url.clone(), found: v, supported: sql::SCHEMA_VERSION })
+            }
+            v => Ok(v),
+        }
     }
 
     pub fn write_snapshot(&mut self, bus: &str, marker: (i64, i64), rows: &[Row], now: i64) -> Result<(), StoreError> {

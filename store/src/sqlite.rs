@@ -54,6 +54,24 @@ impl Sqlite {
     }
 
     fn migrate(&mut self) -> Result<(), StoreError> {
+        // A current schema needs no write lock (readers open the file while the writer writes).
+        let exists: bool = self
+            .conn
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'mdbus_schema_version')",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(self.err("looking for mdbus_schema_version"))?;
+        if exists {
+            let found: Option<i64> = self
+                .conn
+                .query_row("SELECT max(version) FROM mdbus_schema_version", [], |r| r.get(0))
+                .map_err(self.err("reading the schema version"))?;
+            if found == Some(sql::SCHEMA_VERSION) {
+                return Ok(());
+            }
+        }
         let url = &self.url;
         let err = |context| fail(url, context);
         // IMMEDIATE: the write lock up front, so two processes opening a fresh file take turns.

@@ -290,3 +290,43 @@ fn data_errors_are_not_unavailability() {
     assert_eq!(s.count().unwrap(), 0);
     assert_eq!(s.committed("b").unwrap(), None);
 }
+
+#[test]
+fn a_schema_from_a_newer_version_is_refused() {
+    let d = dbs("newer");
+    for url in &d.urls {
+        Store::open(url).unwrap();
+        let bump = "INSERT INTO mdbus_schema_version (version) VALUES (99)";
+        match url {
+            DbUrl::Sqlite(path) => {
+                rusqlite::Connection::open(path).unwrap().execute_batch(bump).unwrap();
+            }
+            DbUrl::Postgres(u) => {
+                postgres::Client::connect(u, postgres::NoTls).unwrap().batch_execute(bump).unwrap();
+            }
+        }
+        let e = Store::open(url).unwrap_err();
+        assert!(!e.is_unavailable() && e.to_string().contains("99"), "{url}: {e}");
+    }
+}
+
+#[test]
+fn a_postgres_role_that_may_only_read_can_query() {
+    let dir = TempDir::new("reader");
+    let pg = PgServer::start(&dir.0).unwrap_or_else(|e| panic!("{e}"));
+    let url: DbUrl = pg.url().parse().unwrap();
+    let k = kline("BTCUSDT", Interval::M1, 0);
+    Store::open(&url).unwrap().write_snapshot("b", 1, 1, &[k]).unwrap();
+    let mut admin = postgres::Client::connect(&pg.url(), postgres::NoTls).unwrap();
+    admin
+        .batch_execute(
+            "CREATE ROLE reader LOGIN; GRANT SELECT ON klines, mdbus_commits, mdbus_schema_version TO reader",
+        )
+        .unwrap();
+    let reader: DbUrl = pg.url().replace("postgres@", "reader@").parse().unwrap();
+    let mut s = Store::open(&reader).unwrap();
+    assert_eq!(s.klines("BTCUSDT", Interval::M1, None, None, 10).unwrap(), vec![stored(k)]);
+    assert_eq!(s.committed("b").unwrap().unwrap().covered_seq, 1);
+    let e = s.write_snapshot("b", 2, 2, &[k]).unwrap_err();
+    assert!(!e.is_unavailable(), "{e}");
+}
