@@ -412,8 +412,11 @@ pub fn run(
         let report = restore(config, r, &specs, &mut engine, &mut out, &mut resume, &mut rec)?;
         out.report.restore = Some(report);
     }
-    if let Some(f) = feed.synthetic_mut() {
-        f.resume_after(&resume);
+    if config.restore.is_some() {
+        let skipped = feed.resume_after(&resume);
+        if skipped > 0 {
+            tracing::info!(skipped, "source resumed after the trades already aggregated");
+        }
     }
     let mut skipped_resumed = 0u64;
     let metrics = &*control.metrics;
@@ -542,6 +545,7 @@ pub fn run(
             // An ended feed is not a quiet market: the clock must not fabricate empty K-lines.
             engine.broadcast(|| WorkerInput::FeedDown(None), &mut |o| out.take(o));
             feed_ended_told = true;
+            tracing::info!(trades = out.report.trades, "feed ended: heartbeating until stopped");
         }
 
         // The clock, through the same queues as the trades: closes K-lines nobody traded into.
@@ -740,6 +744,10 @@ fn restore(
         s.covered(covered_now);
     }
     report.elapsed = t0.elapsed();
+    let m = &out.metrics.snapshots;
+    m.restored_open_klines.store(report.open_klines as u64, Ordering::Relaxed);
+    m.restored_trades.store(report.trades_replayed, Ordering::Relaxed);
+    m.restore_us.store(report.elapsed.as_micros() as u64, Ordering::Relaxed);
     tracing::info!(
         open_klines = report.open_klines,
         unknown = report.unknown_symbols,

@@ -310,6 +310,28 @@ impl CsvFeed {
         Some(t)
     }
 
+    /// A restarted broker continues after the trades it already has: drops every symbol's trades
+    /// with id `<= last[symbol id]` (ids rise within a dataset file). Returns how many were dropped.
+    pub fn skip_through(&mut self, last: &[i64]) -> u64 {
+        let mut skipped = 0;
+        let ids: Vec<u32> = self.heap.iter().map(|Reverse((_, i))| *i).collect();
+        for id in ids {
+            let Some(&limit) = last.get(id as usize) else { continue };
+            let Some(s) = self.streams.get_mut(id as usize) else { continue };
+            while s.head.as_ref().is_some_and(|t| t.trade_id <= limit) {
+                s.head = s.advance();
+                skipped += 1;
+            }
+        }
+        self.heap = self
+            .streams
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.head.as_ref().map(|t| Reverse((t.time_us, i as u32))))
+            .collect();
+        skipped
+    }
+
     /// Lines read and skipped so far.
     pub fn stats(&self) -> CsvStats {
         let s = &self.stats;

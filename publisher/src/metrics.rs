@@ -38,6 +38,11 @@ pub struct SnapshotCounters {
     pub last_committed_id: AtomicU64,
     /// Times the publish thread waited for room in the queue to the snapshot thread.
     pub queue_waits: AtomicU64,
+    /// The restart: open K-lines restored from the database, trades replayed from the WAL, and
+    /// how long it took (µs) before publishing resumed.
+    pub restored_open_klines: AtomicU64,
+    pub restored_trades: AtomicU64,
+    pub restore_us: AtomicU64,
 }
 
 /// Live counters of a running broker.
@@ -148,6 +153,21 @@ impl BrokerMetrics {
                 "snapshot_last_committed_id",
                 "id of the last committed snapshot",
                 g(&self.snapshots.last_committed_id) as f64,
+            )
+            .gauge(
+                "broker_restored_open_klines",
+                "open K-lines restored from the database at start-up",
+                g(&self.snapshots.restored_open_klines) as f64,
+            )
+            .gauge(
+                "broker_restored_trades",
+                "trades replayed from the WAL at start-up",
+                g(&self.snapshots.restored_trades) as f64,
+            )
+            .gauge(
+                "broker_restore_seconds",
+                "time to rebuild state at start-up",
+                g(&self.snapshots.restore_us) as f64 / 1e6,
             )
             .counter(
                 "snapshot_queue_waits_total",

@@ -155,6 +155,20 @@ impl Feed {
         }
     }
 
+    /// A restarted broker continues after the trades it already has (`last[id]`: last trade id
+    /// and price per symbol). A dataset skips them now (so replay timing starts at the restart
+    /// point); the generator continues its ids; a live source's repeats are dropped as they come.
+    pub(crate) fn resume_after(&mut self, last: &[(i64, Option<i64>)]) -> u64 {
+        match self {
+            Feed::Synthetic(f) => {
+                f.resume_after(last);
+                0
+            }
+            Feed::Csv(f) => f.skip_through(&last.iter().map(|l| l.0).collect::<Vec<_>>()),
+            Feed::Live { .. } => 0,
+        }
+    }
+
     pub(crate) fn synthetic_mut(&mut self) -> Option<&mut SyntheticFeed> {
         match self {
             Feed::Synthetic(f) => Some(f),
