@@ -76,6 +76,8 @@ struct Run {
     db: String,
     metrics: u16,
     speed: String,
+    /// Extra config for both processes.
+    config: Option<String>,
 }
 
 impl Run {
@@ -83,7 +85,7 @@ impl Run {
         let dir = TempDir::new(tag);
         write_dataset(&dir.0.join("data"), trades_per_symbol);
         let db = db.unwrap_or_else(|| format!("sqlite:{}", dir.0.join("klines.db").display()));
-        Run { bus: unique_bus(tag), dir, db, metrics: free_port(), speed: speed.to_string() }
+        Run { bus: unique_bus(tag), dir, db, metrics: free_port(), speed: speed.to_string(), config: None }
     }
 
     fn path(&self, p: &str) -> PathBuf {
@@ -95,8 +97,11 @@ impl Run {
         let log =
             std::fs::OpenOptions::new().create(true).append(true).open(self.path(&format!("{name}.log"))).unwrap();
         let mut cmd = Command::new(EXE);
-        cmd.args(["--bus", &self.bus])
-            .args(args)
+        cmd.args(["--bus", &self.bus]);
+        if let Some(c) = &self.config {
+            cmd.args(["--config", c]);
+        }
+        cmd.args(args)
             .env("RUST_LOG", "info")
             .env("MDBUS_DATA_DIR", data_root())
             .stdin(Stdio::null())
@@ -353,4 +358,24 @@ fn broker_killed_mid_interval_restarts_from_postgres() {
     run.check();
     drop((broker, batch));
     let _ = read_csv; // (the oracle's CSV reader is used through read_dataset)
+}
+
+#[test]
+fn past_the_memory_bound_closed_klines_reach_the_database_through_the_wal() {
+    let mut run = Run::new("bound", None, 1500, 120.0);
+    // At most 40 closed K-lines wait in the broker's memory for an ack.
+    let cfg = run.path("bound.toml");
+    std::fs::write(&cfg, "[batch]\nmax_pending_closed = 40\n").unwrap();
+    run.config = Some(cfg.display().to_string());
+    let broker = run.broker();
+    // No writer for a while: far more than 40 K-lines close.
+    std::thread::sleep(Duration::from_millis(1500));
+    let m = run.broker_metrics();
+    assert!(m["snapshot_pending_rows"] > 0.0, "{m:?}");
+    assert!(run.log("broker").contains("snapshot backlog full"), "{}", run.log("broker"));
+    let batch = run.batch(&[]);
+    run.wait_all_committed(Duration::from_secs(90));
+    assert!(run.log("batch").contains("closed K-lines read from the WAL"), "{}", run.log("batch"));
+    run.check();
+    drop((broker, batch));
 }
