@@ -1,8 +1,10 @@
 //! `mdbus demo`: the main job on embedded defaults, no network.
 //!
-//! Starts `mdbus mock-exchange` (synthetic trades, Binance protocol), `mdbus broker` connected to
-//! it as a live source, and `mdbus gateway` (WebSocket, Binance protocol) as child processes on
-//! bus `demo`, prints the endpoints and a ready-to-paste client command,
+//! Starts `mdbus mock-exchange` (synthetic trades, Binance protocol), `mdbus batch` (the
+//! delayed-batch writer on SQLite, `batch.db`), `mdbus broker` connected to the exchange as a live
+//! source with durable K-lines (snapshots acked by the writer; a restart continues from the
+//! database), and `mdbus gateway` (WebSocket, Binance protocol, `/api/v3/klines` from the
+//! database) as child processes on bus `demo`, prints the endpoints and a ready-to-paste client command,
 //! subscribes to the real-time stream and prints a one-line summary per second: frames/s, last
 //! seq, gaps, publisher health and the live 1m K-line of the first symbol. Ctrl-C (or SIGTERM)
 //! stops the children, waits for them, and checks that the bus left no shared memory behind.
@@ -62,8 +64,9 @@ struct MetricsAddrs {
 }
 
 /// Starts `mdbus gateway` on `listen`; returns it and the address it serves once it is ready.
-fn spawn_gateway(cli: &Cli, listen: &str, metrics: &str) -> Result<(Child, String)> {
+fn spawn_gateway(cli: &Cli, listen: &str, metrics: &str, db: &str) -> Result<(Child, String)> {
     let mut args = vec!["gateway".to_string(), "--bus".into(), cli.bus(), "--listen".into(), listen.into()];
+    args.extend(["--db".into(), db.into()]);
     args.extend(["--metrics".into(), metrics.into()]);
     args.extend(log_args(cli));
     if let Some(c) = &cli.config {
@@ -117,12 +120,41 @@ fn spawn_service(args: &[String], name: &str, listen: &str) -> Result<(Child, St
     }
 }
 
-fn spawn_broker(cli: &Cli, a: &DemoArgs, exchange: &str, metrics: &str) -> Result<Child> {
+/// Starts `mdbus batch` on `db`; returns once it is subscribed.
+fn spawn_batch(cli: &Cli, db: &str, metrics: &str) -> Result<Child> {
+    let exe = std::env::current_exe().context("locating the mdbus executable")?;
+    let mut cmd = Command::new(exe);
+    cmd.args(["batch", "--bus", &cli.bus(), "--db", db, "--metrics", metrics]);
+    cmd.args(log_args(cli));
+    if let Some(c) = &cli.config {
+        cmd.arg("--config").arg(c);
+    }
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped());
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let mut child = cmd.spawn().context("starting the batch writer")?;
+    let out = child.stdout.take().context("batch writer stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut lines = std::io::BufReader::new(out).lines();
+        let _ = tx.send(lines.next());
+        for _ in lines {}
+    });
+    match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(Some(Ok(line))) if line == "batch writer ready" => Ok(child),
+        _ => {
+            stop_child(&mut child, "batch writer");
+            anyhow::bail!("the batch writer did not start on {db} (see its error above)")
+        }
+    }
+}
+
+fn spawn_broker(cli: &Cli, a: &DemoArgs, exchange: &str, metrics: &str, db: &str) -> Result<Child> {
     let bus = cli.bus();
     let exe = std::env::current_exe().context("locating the mdbus executable")?;
     let mut cmd = Command::new(exe);
     cmd.arg("broker").arg("--bus").arg(&bus).arg("--source").arg(format!("ws:ws://{exchange}"));
-    cmd.arg("--symbols").arg(&a.symbols).arg("--metrics").arg(metrics);
+    cmd.arg("--symbols").arg(&a.symbols).arg("--metrics").arg(metrics).arg("--db").arg(db);
     cmd.args(log_args(cli));
     if let Some(c) = &cli.config {
         cmd.arg("--config").arg(c);
@@ -178,25 +210,42 @@ pub fn run(cli: &Cli, a: &DemoArgs) -> Result<ExitCode> {
         gateway: free_or(&cfg.metrics.gateway),
         exchange: free_or(&cfg.metrics.mock_exchange),
     };
+    let batch_metrics = free_or("127.0.0.1:0");
+    let db = cfg.batch.db_for(&bus)?;
+    if let mdbus_store::DbUrl::Sqlite(p) = &db {
+        if let Some(dir) = p.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+    }
+    let db = db.to_string();
     let (mut exchange, exchange_addr) = spawn_exchange(cli, a, &m.exchange)?;
-    let mut broker = match spawn_broker(cli, a, &exchange_addr, &m.broker) {
+    let mut batch = match spawn_batch(cli, &db, &batch_metrics) {
         Ok(b) => b,
         Err(e) => {
             stop_child(&mut exchange, "mock exchange");
             return Err(e);
         }
     };
+    let mut broker = match spawn_broker(cli, a, &exchange_addr, &m.broker, &db) {
+        Ok(b) => b,
+        Err(e) => {
+            stop_child(&mut batch, "batch writer");
+            stop_child(&mut exchange, "mock exchange");
+            return Err(e);
+        }
+    };
     let gateway = match a.gateway_listen {
-        Some(l) => spawn_gateway(cli, &l.to_string(), &m.gateway),
-        None => spawn_gateway(cli, &cfg.gateway.listen, &m.gateway).or_else(|e| {
+        Some(l) => spawn_gateway(cli, &l.to_string(), &m.gateway, &db),
+        None => spawn_gateway(cli, &cfg.gateway.listen, &m.gateway, &db).or_else(|e| {
             eprintln!("demo: {e:#}; using a free port instead");
-            spawn_gateway(cli, "127.0.0.1:0", &m.gateway)
+            spawn_gateway(cli, "127.0.0.1:0", &m.gateway, &db)
         }),
     };
     let (mut gateway, ws_addr) = match gateway {
         Ok(g) => g,
         Err(e) => {
             stop_child(&mut broker, "broker");
+            stop_child(&mut batch, "batch writer");
             stop_child(&mut exchange, "mock exchange");
             return Err(e);
         }
@@ -211,6 +260,11 @@ pub fn run(cli: &Cli, a: &DemoArgs) -> Result<ExitCode> {
     );
     println!("  broker      pid {}  live source ws://{exchange_addr}: reconnects, backfill, aggregation", broker.id());
     println!("  stream      {service}  (trades, K-line updates and closes for 16 intervals, heartbeats)");
+    println!(
+        "  batch       pid {}  K-line snapshots every {} ms -> {db}, acked to the broker (a restart continues from it)",
+        batch.id(),
+        cfg.batch.snapshot_interval_ms
+    );
     // The path of this very binary, so the hint works before `mdbus` is on the PATH.
     let exe = std::env::current_exe().map_or_else(|_| "mdbus".to_owned(), |p| p.display().to_string());
     println!(
@@ -222,16 +276,19 @@ pub fn run(cli: &Cli, a: &DemoArgs) -> Result<ExitCode> {
     println!("  websocket   python3 -m websockets 'ws://{ws_addr}/stream?streams=btcusdt@kline_1m/btcusdt@trade'");
     println!("              (pip install websockets; any Binance client pointed at ws://{ws_addr} works too)");
     println!("  rest        curl -s http://{ws_addr}/api/v3/exchangeInfo");
+    println!("  history     curl -s 'http://{ws_addr}/api/v3/klines?symbol=BTCUSDT&interval=1m&limit=5'  (from {db})");
     println!(
         "  metrics     http://{}/metrics (broker)  http://{}/metrics (gateway)  http://{}/metrics (exchange)",
         m.broker, m.gateway, m.exchange
     );
+    println!("              http://{batch_metrics}/metrics (batch writer)");
     println!("  stats       {exe} stats {} {} {}", m.broker, m.gateway, m.exchange);
     println!("  stop        Ctrl-C");
 
     let result = summarize(cli, &cfg, a, &stop);
     stop_child(&mut gateway, "gateway");
     stop_child(&mut broker, "broker");
+    stop_child(&mut batch, "batch writer");
     stop_child(&mut exchange, "mock exchange");
     // Give iceoryx2 a moment to observe the dead ports, then check for leftovers.
     let leftovers = leftover_shm(&bus);

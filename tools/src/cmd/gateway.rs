@@ -57,7 +57,8 @@ pub struct GatewayArgs {
     /// The real-time stream's write-ahead log, for `fromSeq` resumes [default: the broker's].
     #[arg(long, env = "MDBUS_WAL", value_name = "DIR")]
     pub wal: Option<std::path::PathBuf>,
-    /// K-line database for `GET /api/v3/klines`: `sqlite:PATH` or `postgres://USER@HOST:PORT/DB`.
+    /// K-line database for `GET /api/v3/klines`: `sqlite:PATH` or `postgres://USER@HOST:PORT/DB`
+    /// [default with batch.enabled: batch.db].
     // Parsed in `config`, not by clap: clap's error would echo the value, password included.
     #[arg(long, value_name = "URL")]
     pub db: Option<String>,
@@ -98,6 +99,10 @@ pub fn config(cli: &Cli, a: &GatewayArgs) -> Result<GatewayConfig> {
     c.threads = a.threads.unwrap_or(g.threads).max(1);
     c.hub = HubOptions { core: a.core.or(g.core), ..HubOptions::default() };
     c.db = a.db.as_deref().map(str::parse::<DbUrl>).transpose().context("--db")?;
+    if c.db.is_none() && cfg.batch.enabled {
+        // The batch writer's database [config: batch.db].
+        c.db = Some(cfg.batch.db_for(&cli.bus())?);
+    }
     Ok(c)
 }
 
