@@ -1102,23 +1102,18 @@ mod tests {
             let views: [Option<Kline>; N] = std::array::from_fn(|i| part.open_kline(0, Interval::ALL[i]));
             let mut restored = Aggregator::new(&[spec(0)], cfg(0));
             assert!(restored.restore_symbol(0, &views));
-            for i in 0..N {
-                assert_eq!(restored.open_kline(0, Interval::ALL[i]), views[i], "split {split}: view {i} restored");
-            }
-            for tr in &trades[split..] {
-                whole.on_trade(tr, &mut |k| b.push(*k));
-                restored.on_trade(tr, &mut |_| {});
+            for (iv, v) in Interval::ALL.iter().zip(&views) {
+                assert_eq!(restored.open_kline(0, *iv), *v, "split {split}: {iv} restored");
             }
             let mut c = Vec::new();
-            let mut again = Aggregator::new(&[spec(0)], cfg(0));
-            again.restore_symbol(0, &views);
             for tr in &trades[split..] {
-                again.on_trade(tr, &mut |k| c.push(*k));
+                whole.on_trade(tr, &mut |k| b.push(*k));
+                restored.on_trade(tr, &mut |k| c.push(*k));
             }
             assert_eq!(b, c, "split {split}: the same closes after the restart");
-            for i in 0..N {
-                let iv = Interval::ALL[i];
-                assert_eq!(whole.open_kline(0, iv), again.open_kline(0, iv), "split {split}: open {iv}");
+            assert!(!a.is_empty() || split < 100);
+            for iv in Interval::ALL {
+                assert_eq!(whole.open_kline(0, iv), restored.open_kline(0, iv), "split {split}: open {iv}");
             }
         }
     }
