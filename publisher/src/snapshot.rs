@@ -40,8 +40,12 @@ const N: usize = Interval::COUNT;
 pub struct SnapshotSettings {
     /// How often a snapshot is frozen and published.
     pub interval: Duration,
-    /// No ack for this long: the next snapshot re-sends the rows (merged).
+    /// No ack (nor word that it arrived) for this long: the next snapshot re-sends the rows
+    /// (merged).
     pub ack_timeout: Duration,
+    /// A consumer said it received the snapshot whole: wait this long for its ack (the write may
+    /// take seconds; the database may be down) before re-sending.
+    pub write_timeout: Duration,
     /// Closed K-lines kept in memory while waiting for acks; past it, consumers read them from
     /// the WAL.
     pub max_pending_closed: usize,
@@ -54,6 +58,7 @@ impl Default for SnapshotSettings {
         SnapshotSettings {
             interval: Duration::from_millis(100),
             ack_timeout: Duration::from_secs(2),
+            write_timeout: Duration::from_secs(30),
             max_pending_closed: 500_000,
             heartbeat: Duration::from_millis(100),
         }
@@ -482,15 +487,16 @@ fn run(
         started_at_ns: crate::broker::now_ns(),
     };
     let mut last_take = Instant::now();
-    let mut taken_at = Instant::now();
+    // When the pending snapshot is re-sent if no ack comes.
+    let mut resend_at = Instant::now();
     // Only at a round boundary does the state match a covered seq exactly.
     let mut at_boundary = true;
     loop {
-        let due = |snap: &Snapshotter, last_take: Instant, taken_at: Instant| {
+        let due = |snap: &Snapshotter, last_take: Instant, resend_at: Instant| {
             last_take.elapsed() >= settings.interval
                 && match snap.pending() {
                     None => snap.has_changes(),
-                    Some(_) => taken_at.elapsed() >= settings.ack_timeout,
+                    Some(_) => Instant::now() >= resend_at,
                 }
         };
         let mut popped = 0usize;
@@ -504,7 +510,7 @@ fn run(
                 Item::Covered(seq) => {
                     at_boundary = true;
                     snap.covered(seq);
-                    if due(&snap, last_take, taken_at) {
+                    if due(&snap, last_take, resend_at) {
                         break;
                     }
                 }
@@ -515,13 +521,26 @@ fn run(
             for frame in FrameIter::new(sample.payload()) {
                 let Ok(frame) = frame else { break };
                 let Ok(m) = frame.snapshot_mark() else { continue };
-                // Only acks of this broker's snapshots: ids start over from the database's after a
-                // restart, so a late ack for the previous broker's snapshot must not commit ours.
-                if m.phase != SnapshotPhase::Ack as u8 || m.publisher_id.to_native() != publisher_id {
-                    continue;
+                let id = m.snapshot_id.to_native();
+                let pending_id = snap.pending().map(|(p, _)| p);
+                match SnapshotPhase::from_u8(m.phase) {
+                    Some(SnapshotPhase::Hello) => {
+                        tracing::info!("a durable consumer started: re-sending what is not acked");
+                        resend_at = Instant::now();
+                        continue;
+                    }
+                    // Only marks about this broker's snapshots: ids start over from the database's
+                    // after a restart, so a late ack for the previous broker's snapshot must not
+                    // commit ours.
+                    _ if m.publisher_id.to_native() != publisher_id => continue,
+                    Some(SnapshotPhase::Received) if pending_id == Some(id) => {
+                        resend_at = Instant::now() + settings.write_timeout;
+                        continue;
+                    }
+                    Some(SnapshotPhase::Ack) => {}
+                    _ => continue,
                 }
                 c.acks.fetch_add(1, Ordering::Relaxed);
-                let id = m.snapshot_id.to_native();
                 if let Some(covered) = snap.commit(id) {
                     c.commits.fetch_add(1, Ordering::Relaxed);
                     c.committed_seq.fetch_max(covered, Ordering::Relaxed);
@@ -533,7 +552,7 @@ fn run(
             }
         }
         c.pending_rows.store(snap.pending_rows() as u64, Ordering::Relaxed);
-        if at_boundary && due(&snap, last_take, taken_at) {
+        if at_boundary && due(&snap, last_take, resend_at) {
             if snap.pending().is_some() {
                 c.resends.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!("no ack in time: re-sending merged into a new snapshot");
@@ -558,7 +577,7 @@ fn run(
             c.published.fetch_add(1, Ordering::Relaxed);
             c.rows.fetch_add(rows as u64, Ordering::Relaxed);
             last_take = Instant::now();
-            taken_at = last_take;
+            resend_at = last_take + settings.ack_timeout;
             continue;
         }
         if out.last_send.elapsed() >= settings.heartbeat {

@@ -277,6 +277,11 @@ pub enum SnapshotPhase {
     End = 1,
     /// On the acks stream, from a durable consumer: snapshot `snapshot_id` is durable.
     Ack = 2,
+    /// On the acks stream: snapshot `snapshot_id` arrived whole and is being written (the broker
+    /// then waits longer for its ack before re-sending: a big snapshot may take seconds to write).
+    Received = 3,
+    /// On the acks stream: a durable consumer (re)started; whatever is not acked is re-sent now.
+    Hello = 4,
 }
 
 impl SnapshotPhase {
@@ -285,6 +290,8 @@ impl SnapshotPhase {
             0 => SnapshotPhase::Begin,
             1 => SnapshotPhase::End,
             2 => SnapshotPhase::Ack,
+            3 => SnapshotPhase::Received,
+            4 => SnapshotPhase::Hello,
             _ => return None,
         })
     }
@@ -293,6 +300,8 @@ impl SnapshotPhase {
             SnapshotPhase::Begin => "begin",
             SnapshotPhase::End => "end",
             SnapshotPhase::Ack => "ack",
+            SnapshotPhase::Received => "received",
+            SnapshotPhase::Hello => "hello",
         }
     }
 }

@@ -39,6 +39,7 @@ pub struct BatchSection {
     pub db: String,
     pub snapshot_interval_ms: u64,
     pub ack_timeout_ms: u64,
+    pub write_timeout_ms: u64,
     pub max_pending_closed: usize,
     /// The broker waits this long for the database at start-up before giving up.
     pub restore_timeout_s: f64,
@@ -51,6 +52,7 @@ impl Default for BatchSection {
             db: String::new(),
             snapshot_interval_ms: 100,
             ack_timeout_ms: 2000,
+            write_timeout_ms: 30000,
             max_pending_closed: 500_000,
             restore_timeout_s: 30.0,
         }

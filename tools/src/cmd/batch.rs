@@ -131,6 +131,17 @@ pub fn run(cli: &Cli, a: &BatchArgs) -> Result<ExitCode> {
     let settings = StreamSettings::snapshot();
     let sub = node.subscriber("snapshot", settings, settings.subscriber_buffer)?;
     let acks = node.publisher("acks", StreamSettings::acks())?;
+    let mut marks = Marks { publisher: acks, writer: FrameWriter::with_capacity(1024), seq: 0 };
+    // Whatever the broker has not had acked is re-sent to us now.
+    let hello = SnapshotMark {
+        snapshot_id: 0,
+        covered_seq: 0,
+        publisher_id: 0,
+        rows: 0,
+        wal_from_seq: 0,
+        phase: SnapshotPhase::Hello as u8,
+    };
+    marks.send(&hello)?;
     tracing::info!(db = %url, bus = %bus, "batch writer subscribed to the snapshot stream");
     println!("batch writer ready");
 
@@ -138,8 +149,6 @@ pub fn run(cli: &Cli, a: &BatchArgs) -> Result<ExitCode> {
     let mut receiving: Option<Snapshot> = None;
     let mut pending: Option<Snapshot> = None;
     let mut expected_seq: Option<Seq> = None;
-    let mut ack_writer = FrameWriter::with_capacity(1024);
-    let mut ack_seq: Seq = 0;
     let new_backoff = || {
         backon::ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(100))
@@ -159,7 +168,10 @@ pub fn run(cli: &Cli, a: &BatchArgs) -> Result<ExitCode> {
                     receiving = None;
                     break;
                 };
-                take_frame(&frame, &mut receiving, &mut pending, &mut expected_seq, &stats);
+                if let Some(received) = take_frame(&frame, &mut receiving, &mut pending, &mut expected_seq, &stats) {
+                    // The broker waits for the ack longer now: the write may take a while.
+                    marks.send(&SnapshotMark { phase: SnapshotPhase::Received as u8, ..received })?;
+                }
             }
         }
         stats.pending_rows.store(pending.as_ref().map_or(0, |p| p.rows.len() as u64), Ordering::Relaxed);
@@ -177,11 +189,7 @@ pub fn run(cli: &Cli, a: &BatchArgs) -> Result<ExitCode> {
                         tracing::warn!("MDBUS_BATCH_CRASH_AFTER_COMMIT: dying between the commit and the ack");
                         std::process::abort();
                     }
-                    let mark = SnapshotMark { phase: SnapshotPhase::Ack as u8, ..snap.mark };
-                    ack_seq += 1;
-                    ack_writer.clear();
-                    let _ = ack_writer.push_snapshot_mark(header(FrameKind::Snapshot, ACKS_STREAM_ID, ack_seq), &mark);
-                    acks.send(ack_writer.as_bytes())?;
+                    marks.send(&SnapshotMark { phase: SnapshotPhase::Ack as u8, ..snap.mark })?;
                     stats.acks.fetch_add(1, Ordering::Relaxed);
                     pending = None;
                 }
@@ -223,14 +231,32 @@ pub fn run(cli: &Cli, a: &BatchArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// One frame of the snapshot stream into the snapshot being received.
+/// Marks to the broker on the acks stream.
+struct Marks {
+    publisher: mdbus_bus::StreamPublisher,
+    writer: FrameWriter,
+    seq: Seq,
+}
+
+impl Marks {
+    fn send(&mut self, m: &SnapshotMark) -> Result<(), mdbus_bus::BusError> {
+        self.seq += 1;
+        self.writer.clear();
+        // A fixed-size body into an empty buffer: cannot fail.
+        let _ = self.writer.push_snapshot_mark(header(FrameKind::Snapshot, ACKS_STREAM_ID, self.seq), m);
+        self.publisher.send(self.writer.as_bytes()).map(drop)
+    }
+}
+
+/// One frame of the snapshot stream into the snapshot being received. Returns the mark of a
+/// snapshot that just arrived whole.
 fn take_frame(
     frame: &FrameRef<'_>,
     receiving: &mut Option<Snapshot>,
     pending: &mut Option<Snapshot>,
     expected_seq: &mut Option<Seq>,
     stats: &Stats,
-) {
+) -> Option<SnapshotMark> {
     let seq = frame.seq();
     match frame.kind() {
         FrameKind::Heartbeat => {
@@ -242,10 +268,10 @@ fn take_frame(
                 }
             }
             *expected_seq = Some(seq + 1);
-            return;
+            return None;
         }
         FrameKind::Snapshot | FrameKind::Kline => {}
-        FrameKind::Trade => return,
+        FrameKind::Trade => return None,
     }
     if expected_seq.is_some_and(|e| e != seq) && receiving.is_some() {
         tracing::warn!(expected = ?expected_seq, got = seq, "gap in the snapshot stream: this snapshot is dropped (the broker re-sends it)");
@@ -261,17 +287,19 @@ fn take_frame(
             *receiving = Some(Snapshot { mark: m, rows: Vec::with_capacity(m.rows as usize) });
         }
         Ok(Body::Snapshot(m)) if m.phase == SnapshotPhase::End as u8 => {
-            let Some(r) = receiving.take() else { return };
+            let r = receiving.take()?;
             if r.mark.snapshot_id != m.snapshot_id || r.rows.len() != r.mark.rows as usize {
                 stats.incomplete.fetch_add(1, Ordering::Relaxed);
-                return;
+                return None;
             }
+            let mark = r.mark;
             stats.snapshots_received.fetch_add(1, Ordering::Relaxed);
             // A newer snapshot carries every row of the one waiting (the broker merges what is
             // not acked); after a broker restart it carries what the restart rebuilt.
             if pending.replace(r).is_some() {
                 stats.superseded.fetch_add(1, Ordering::Relaxed);
             }
+            return Some(mark);
         }
         Ok(Body::Kline(k)) => {
             if let Some(r) = receiving.as_mut() {
@@ -285,6 +313,7 @@ fn take_frame(
             receiving.take();
         }
     }
+    None
 }
 
 /// Writes one snapshot (plus any closed K-lines it leaves to the WAL) in one transaction.
