@@ -13,6 +13,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod batchbench;
 pub mod gatewaybench;
 pub mod ingestbench;
 pub mod peer;
@@ -111,7 +112,7 @@ pub struct ScenarioReport {
 #[derive(Debug, thiserror::Error)]
 pub enum BenchRunError {
     #[error(
-        "unknown scenario {0:?} (known: latency, throughput, fanout, broker, wal, memory, recovery, gateway, ingest)"
+        "unknown scenario {0:?} (known: latency, throughput, fanout, broker, wal, memory, recovery, gateway, ingest, batch)"
     )]
     UnknownScenario(String),
     #[error("starting {what}: {source}")]
@@ -350,6 +351,15 @@ pub fn run_scenario(scenario: &str, o: &BenchOptions) -> Result<ScenarioReport, 
             rows = r?;
         }
         "gateway" => rows = gatewaybench::run(o, o.clients)?,
+        "batch" => {
+            let tmp = std::env::temp_dir().join(format!("mdbus-bench-batch-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&tmp);
+            std::fs::create_dir_all(&tmp)
+                .map_err(|e| BenchRunError::Peer { what: "batch".into(), detail: e.to_string() })?;
+            let r = batchbench::run(o, &tmp);
+            let _ = std::fs::remove_dir_all(&tmp);
+            rows = r?;
+        }
         "ingest" => {
             let tmp = std::env::temp_dir().join(format!("mdbus-bench-ingest-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&tmp);
@@ -451,6 +461,37 @@ pub fn render_table(r: &ScenarioReport) -> String {
                 x.ratio_vs_baseline,
                 x.note
             ));
+        }
+    } else if r.scenario == "batch" {
+        s.push_str(&format!(
+            "{:<75} {:>9} {:>11} {:>9} {:>9} {:>8}\n",
+            "case", "rows", "rows/s", "p50 ms", "p99 ms", "ratio"
+        ));
+        for x in &r.rows {
+            if x.per_second > 0.0 {
+                s.push_str(&format!(
+                    "{:<75} {:>9} {:>11.0} {:>9.1} {:>9.1} {:>7.2}x\n",
+                    x.name,
+                    x.messages,
+                    x.per_second,
+                    x.p50_ns as f64 / 1e6,
+                    x.p99_ns as f64 / 1e6,
+                    x.ratio_vs_baseline
+                ));
+            } else {
+                s.push_str(&format!(
+                    "{:<75} {:>9} {:>11} {:>9.1} {:>9} {:>7.2}x\n",
+                    x.name,
+                    "",
+                    "",
+                    x.p50_ns as f64 / 1e6,
+                    "",
+                    x.ratio_vs_baseline
+                ));
+            }
+            if !x.note.is_empty() {
+                s.push_str(&format!("    {}\n", x.note));
+            }
         }
     } else if r.scenario == "ingest" {
         s.push_str(&format!("{:<52} {:>10} {:>13} {:>10} {:>8}\n", "case", "trades", "per second", "ns each", "ratio"));

@@ -113,6 +113,22 @@ pub fn figures(r: &ScenarioReport) -> Vec<Figure> {
                 out.push(fig("broker from CSV, end to end", c.per_second / 1e6, "M trades/s", None));
             }
         }
+        "batch" => {
+            if let Some(s) = find(r, "SQLite upsert") {
+                out.push(fig("snapshot rows written to SQLite", s.per_second / 1e3, "k rows/s", None));
+            }
+            if let Some(p) = find(r, "PostgreSQL upsert, one") {
+                out.push(fig("snapshot rows written to PostgreSQL", p.per_second / 1e3, "k rows/s", None));
+            }
+            if let Some(x) = find(r, "broker restart after kill -9") {
+                out.push(fig(
+                    &format!("{}: start to publishing", x.name),
+                    x.p50_ns as f64 / 1e9,
+                    "s",
+                    Some((false, 1.0)),
+                ));
+            }
+        }
         _ => {}
     }
     out

@@ -20,14 +20,14 @@ use mdbus_subscribers::{Reader, ReaderOptions, WaitMode};
 
 use crate::{BenchOptions, BenchRunError, Row};
 
-fn err(what: &str, e: impl ToString) -> BenchRunError {
+pub(crate) fn err(what: &str, e: impl ToString) -> BenchRunError {
     BenchRunError::Peer { what: what.into(), detail: e.to_string() }
 }
 
 const START: &str = "2021-03-01T00:00:00Z";
 const START_US: i64 = 1_614_556_800_000_000;
 
-fn spawn_broker(o: &BenchOptions, bus: &str, args: &[&str], tmp: &Path) -> Result<Child, BenchRunError> {
+pub(crate) fn spawn_broker(o: &BenchOptions, bus: &str, args: &[&str], tmp: &Path) -> Result<Child, BenchRunError> {
     let mut cmd = Command::new(&o.exe);
     cmd.args(["broker", "--bus", bus, "--wait-subscribers", "1"]);
     if o.pin {
@@ -42,7 +42,7 @@ fn spawn_broker(o: &BenchOptions, bus: &str, args: &[&str], tmp: &Path) -> Resul
     cmd.spawn().map_err(|source| BenchRunError::Spawn { what: "broker".into(), source })
 }
 
-fn stop(child: &mut Child, sig: rustix::process::Signal) {
+pub(crate) fn stop(child: &mut Child, sig: rustix::process::Signal) {
     if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
         let _ = rustix::process::kill_process(pid, sig);
     }

@@ -245,6 +245,11 @@ impl Snapshotter {
         }
     }
 
+    /// The frozen snapshot's rows (closed, then open), as [`take`](Self::take) returned them.
+    pub fn frozen_rows(&self) -> (&[Kline], &[Kline]) {
+        (&self.frozen_closed, &self.frozen_open)
+    }
+
     /// A consumer made snapshot `id` durable. Returns the seq it covers if `id` was the pending
     /// snapshot (a stale or unknown id commits nothing).
     pub fn commit(&mut self, id: u64) -> Option<Seq> {
@@ -440,11 +445,14 @@ impl Out<'_> {
         let _ = self.writer.push_snapshot_mark(h, m);
         Ok(())
     }
-    fn kline(&mut self, k: &Kline) -> Result<(), BusError> {
+    /// Returns whether a full sample was sent to make room.
+    fn kline(&mut self, k: &Kline) -> Result<bool, BusError> {
+        let sent = self.writer.len() + mdbus_schema::frame::encoded_frame_len(FrameKind::Kline)
+            > self.publisher.max_sample_bytes();
         self.room(FrameKind::Kline)?;
         let h = self.hdr(FrameKind::Kline);
         let _ = self.writer.push_kline(h, k);
-        Ok(())
+        Ok(sent)
     }
     fn heartbeat(&mut self, hb: &Heartbeat) -> Result<(), BusError> {
         self.flush()?;
@@ -453,16 +461,36 @@ impl Out<'_> {
         self.flush()
     }
     fn flush(&mut self) -> Result<(), BusError> {
+        self.flush_reached().map(drop)
+    }
+    /// Sends what is batched; returns the subscribers it reached.
+    fn flush_reached(&mut self) -> Result<usize, BusError> {
+        let mut reached = 0;
         if !self.writer.is_empty() {
             self.writer.set_publish_time(crate::broker::now_ns());
-            self.publisher.send(self.writer.as_bytes())?;
+            reached = self.publisher.send(self.writer.as_bytes())?;
             self.writer.clear();
             self.last_send = Instant::now();
         }
-        Ok(())
+        Ok(reached)
     }
 }
 
+/// A snapshot being published, a window of frames at a time.
+#[derive(Debug)]
+struct Sending {
+    mark: SnapshotMark,
+    next: usize,
+    /// The consumer reports progress: keep within the window (else send it all at once).
+    flow: bool,
+    last_progress: Instant,
+}
+
+/// Samples sent per loop turn at most, so that the queue from the publish thread is drained
+/// often even while a big snapshot goes out.
+const SAMPLES_PER_TURN: usize = 16;
+
+#[allow(clippy::too_many_lines)]
 fn run(
     streams: Streams,
     mut snap: Snapshotter,
@@ -473,12 +501,16 @@ fn run(
     metrics: &BrokerMetrics,
 ) -> Result<(), BusError> {
     let c = &metrics.snapshots;
+    let max = streams.publisher.max_sample_bytes();
     let mut out = Out {
         publisher: &streams.publisher,
-        writer: FrameWriter::with_capacity(streams.publisher.max_sample_bytes()),
+        writer: FrameWriter::with_capacity(max),
         next_seq: 1,
         last_send: Instant::now(),
     };
+    // Frames in flight before the consumer must report progress: half its queue.
+    let per_sample = (max / mdbus_schema::frame::encoded_frame_len(FrameKind::Kline)).max(1) as u64;
+    let window = per_sample * (StreamSettings::snapshot().subscriber_buffer as u64 / 2).max(1);
     let hb = Heartbeat {
         publisher_id,
         last_seq: 0,
@@ -491,6 +523,9 @@ fn run(
     let mut resend_at = Instant::now();
     // Only at a round boundary does the state match a covered seq exactly.
     let mut at_boundary = true;
+    let mut sending: Option<Sending> = None;
+    // Snapshot-stream seq the consumer has received through.
+    let mut progress: Seq = 0;
     loop {
         let due = |snap: &Snapshotter, last_take: Instant, resend_at: Instant| {
             last_take.elapsed() >= settings.interval
@@ -516,7 +551,7 @@ fn run(
                 }
             }
         }
-        // Acks.
+        // Marks from durable consumers.
         while let Some(sample) = streams.acks.receive()? {
             for frame in FrameIter::new(sample.payload()) {
                 let Ok(frame) = frame else { break };
@@ -527,12 +562,20 @@ fn run(
                     Some(SnapshotPhase::Hello) => {
                         tracing::info!("a durable consumer started: re-sending what is not acked");
                         resend_at = Instant::now();
+                        sending = None;
                         continue;
                     }
                     // Only marks about this broker's snapshots: ids start over from the database's
                     // after a restart, so a late ack for the previous broker's snapshot must not
                     // commit ours.
                     _ if m.publisher_id.to_native() != publisher_id => continue,
+                    Some(SnapshotPhase::Progress) => {
+                        progress = progress.max(m.covered_seq.to_native());
+                        if let Some(s) = sending.as_mut() {
+                            s.last_progress = Instant::now();
+                        }
+                        continue;
+                    }
                     Some(SnapshotPhase::Received) if pending_id == Some(id) => {
                         resend_at = Instant::now() + settings.write_timeout;
                         continue;
@@ -552,14 +595,14 @@ fn run(
             }
         }
         c.pending_rows.store(snap.pending_rows() as u64, Ordering::Relaxed);
-        if at_boundary && due(&snap, last_take, resend_at) {
+        if sending.is_none() && at_boundary && due(&snap, last_take, resend_at) {
             if snap.pending().is_some() {
                 c.resends.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!("no ack in time: re-sending merged into a new snapshot");
             }
             let view = snap.take();
             let rows = view.closed.len() + view.open.len();
-            let mut mark = SnapshotMark {
+            let mark = SnapshotMark {
                 snapshot_id: view.id,
                 covered_seq: view.covered_seq,
                 publisher_id,
@@ -568,17 +611,48 @@ fn run(
                 phase: SnapshotPhase::Begin as u8,
             };
             out.mark(&mark)?;
-            for k in view.closed.iter().chain(view.open) {
-                out.kline(k)?;
-            }
-            mark.phase = SnapshotPhase::End as u8;
-            out.mark(&mark)?;
-            out.flush()?;
-            c.published.fetch_add(1, Ordering::Relaxed);
-            c.rows.fetch_add(rows as u64, Ordering::Relaxed);
+            let reached = out.flush_reached()?;
             last_take = Instant::now();
             resend_at = last_take + settings.ack_timeout;
-            continue;
+            c.published.fetch_add(1, Ordering::Relaxed);
+            c.rows.fetch_add(rows as u64, Ordering::Relaxed);
+            // Nobody listening: nothing to send (the rows stay until a consumer acks them).
+            if reached > 0 {
+                sending = Some(Sending { mark, next: 0, flow: true, last_progress: Instant::now() });
+            }
+        }
+        if let Some(s) = sending.as_mut() {
+            let (closed, open) = snap.frozen_rows();
+            let total = closed.len() + open.len();
+            let mut sent_samples = 0;
+            while s.next < total && sent_samples < SAMPLES_PER_TURN {
+                let in_flight = (out.next_seq - 1).saturating_sub(progress);
+                if s.flow && in_flight >= window {
+                    break;
+                }
+                let k = if s.next < closed.len() { &closed[s.next] } else { &open[s.next - closed.len()] };
+                if out.kline(k)? {
+                    sent_samples += 1;
+                }
+                s.next += 1;
+            }
+            if s.next >= total {
+                out.mark(&SnapshotMark { phase: SnapshotPhase::End as u8, ..s.mark })?;
+                out.flush()?;
+                sending = None;
+                resend_at = Instant::now() + settings.ack_timeout;
+                continue;
+            }
+            out.flush()?;
+            if s.last_progress.elapsed() >= settings.ack_timeout {
+                // A consumer that stopped reading: it will get the rows merged into a later
+                // snapshot (or asks for them when it starts again).
+                tracing::debug!("no progress from the consumer: snapshot abandoned");
+                sending = None;
+                resend_at = Instant::now();
+            } else if sent_samples > 0 {
+                continue;
+            }
         }
         if out.last_send.elapsed() >= settings.heartbeat {
             out.heartbeat(&Heartbeat { last_seq: out.next_seq - 1, ..hb })?;

@@ -282,6 +282,9 @@ pub enum SnapshotPhase {
     Received = 3,
     /// On the acks stream: a durable consumer (re)started; whatever is not acked is re-sent now.
     Hello = 4,
+    /// On the acks stream: the consumer has read the snapshot stream through seq `covered_seq`
+    /// (flow control: the broker keeps at most half a consumer's queue in flight).
+    Progress = 5,
 }
 
 impl SnapshotPhase {
@@ -292,6 +295,7 @@ impl SnapshotPhase {
             2 => SnapshotPhase::Ack,
             3 => SnapshotPhase::Received,
             4 => SnapshotPhase::Hello,
+            5 => SnapshotPhase::Progress,
             _ => return None,
         })
     }
@@ -302,6 +306,7 @@ impl SnapshotPhase {
             SnapshotPhase::Ack => "ack",
             SnapshotPhase::Received => "received",
             SnapshotPhase::Hello => "hello",
+            SnapshotPhase::Progress => "progress",
         }
     }
 }

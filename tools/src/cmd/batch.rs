@@ -160,8 +160,15 @@ pub fn run(cli: &Cli, a: &BatchArgs) -> Result<ExitCode> {
     let mut retry_at = Instant::now();
     let mut outage_since: Option<Instant> = None;
 
+    // Samples read since the last progress mark.
+    let mut unreported = 0u32;
+    let mut last_frame: Option<(Seq, u64)> = None;
     while !stop.load(Ordering::Relaxed) {
         while let Some(sample) = sub.receive()? {
+            unreported += 1;
+            if let Some(Ok(f)) = FrameIter::new(sample.payload()).last() {
+                last_frame = Some((f.seq(), receiving.as_ref().map_or(0, |r| r.mark.publisher_id)));
+            }
             for frame in FrameIter::new(sample.payload()) {
                 let Ok(frame) = frame else {
                     stats.bad_frames.fetch_add(1, Ordering::Relaxed);
@@ -173,6 +180,21 @@ pub fn run(cli: &Cli, a: &BatchArgs) -> Result<ExitCode> {
                     marks.send(&SnapshotMark { phase: SnapshotPhase::Received as u8, ..received })?;
                 }
             }
+        }
+        // Flow control: the broker sends at most half our queue ahead of these marks.
+        if unreported >= 16 || (unreported > 0 && !sub.has_samples()) {
+            if let Some((seq, publisher_id)) = last_frame.filter(|&(_, p)| p != 0) {
+                let progress = SnapshotMark {
+                    snapshot_id: 0,
+                    covered_seq: seq,
+                    publisher_id,
+                    rows: 0,
+                    wal_from_seq: 0,
+                    phase: SnapshotPhase::Progress as u8,
+                };
+                marks.send(&progress)?;
+            }
+            unreported = 0;
         }
         stats.pending_rows.store(pending.as_ref().map_or(0, |p| p.rows.len() as u64), Ordering::Relaxed);
 

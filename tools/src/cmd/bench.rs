@@ -109,7 +109,9 @@ pub fn run(_cli: &Cli, a: &BenchArgs) -> Result<ExitCode> {
         gateway_threads: a.gateway_threads,
     };
     let scenarios: Vec<&str> = match a.scenario.as_str() {
-        "all" => vec!["latency", "throughput", "fanout", "broker", "wal", "memory", "recovery", "gateway", "ingest"],
+        "all" => {
+            vec!["latency", "throughput", "fanout", "broker", "wal", "memory", "recovery", "gateway", "ingest", "batch"]
+        }
         s => vec![s],
     };
     for s in scenarios {
