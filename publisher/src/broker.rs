@@ -697,6 +697,8 @@ fn restore(
                 let start = if recording.is_some() { first.min(covered + 1) } else { covered + 1 };
                 reader.seek(start).map_err(|e| bad(&e))?;
                 out.replaying = true;
+                // Each K-line changed by the replay goes to the snapshot thread once, at the end.
+                engine.broadcast(|| WorkerInput::HoldUpdates(true), &mut |o| out.take(o));
                 while let Some(rec) = reader.next_record().map_err(|e| bad(&e))? {
                     let seq = rec.seq;
                     let Ok(frame) = FrameRef::parse(rec.payload) else { continue };
@@ -725,6 +727,7 @@ fn restore(
                     report.trades_replayed += 1;
                     report.to_seq = seq;
                 }
+                engine.broadcast(|| WorkerInput::HoldUpdates(false), &mut |o| out.take(o));
                 engine.wait_idle(&mut |o| out.take(o));
                 out.replaying = false;
             }

@@ -52,6 +52,9 @@ pub enum WorkerInput {
     RemoveSymbol(u32),
     /// Bigger tables, allocated off the hot path.
     Adopt(Box<AggregatorStorage>),
+    /// While true, open-K-line updates are only marked, not emitted (a replay: each changed
+    /// K-line is emitted once when it turns false, instead of once per batch).
+    HoldUpdates(bool),
     /// A restart: the symbol's open K-lines (per interval, as published) from the last durable
     /// snapshot.
     Restore {
@@ -365,6 +368,7 @@ fn run_worker(
     let mut ts_event_ns = 0i64;
     let mut recv_ns = 0i64;
     let local = |g: u32| g / n;
+    let mut hold = false;
     loop {
         let mut batch = 0u32;
         while let Ok(msg) = input.pop() {
@@ -402,6 +406,7 @@ fn run_worker(
                 WorkerInput::RemoveSymbol(g) => {
                     agg.remove_symbol(local(g));
                 }
+                WorkerInput::HoldUpdates(h) => hold = h,
                 WorkerInput::Restore { g, views } => {
                     if !agg.restore_symbol(local(g), &views) {
                         tracing::warn!(worker = w, g, "restore for an unknown symbol ignored");
@@ -418,9 +423,11 @@ fn run_worker(
             processed += 1;
             // Conflated updates at the end of a batch (or every 256 inputs under load).
             if input.is_empty() || batch.is_multiple_of(256) {
-                agg.drain_updates(&mut |k| {
-                    push_out(out, WorkerOutput::Update { kline: *k, ts_event_ns, recv_ns }, shared)
-                });
+                if !hold {
+                    agg.drain_updates(&mut |k| {
+                        push_out(out, WorkerOutput::Update { kline: *k, ts_event_ns, recv_ns }, shared)
+                    });
+                }
                 // Counters first (never waiting for the lock), then the progress mark.
                 if let Ok(mut s) = shared.stats.try_lock() {
                     *s = agg.stats();
