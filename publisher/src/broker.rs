@@ -678,6 +678,9 @@ fn restore(
     for (g, v) in views {
         engine.send(engine.worker_of(g), WorkerInput::Restore { g, views: Box::new(v) }, &mut |o| out.take(o));
     }
+    engine.wait_idle(&mut |o| out.take(o));
+    let restored_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let mut replay_ms = 0.0;
     let covered = r.committed.map_or(0, |(_, seq)| seq);
     report.from_seq = covered + 1;
     report.to_seq = covered;
@@ -727,6 +730,7 @@ fn restore(
                     report.trades_replayed += 1;
                     report.to_seq = seq;
                 }
+                replay_ms = t0.elapsed().as_secs_f64() * 1e3 - restored_ms;
                 engine.broadcast(|| WorkerInput::HoldUpdates(false), &mut |o| out.take(o));
                 engine.wait_idle(&mut |o| out.take(o));
                 out.replaying = false;
@@ -758,6 +762,8 @@ fn restore(
         from_seq = report.from_seq,
         to_seq = report.to_seq,
         ms = report.elapsed.as_secs_f64() * 1e3,
+        restore_ms = restored_ms,
+        replay_ms,
         "state restored from the last committed snapshot and the WAL"
     );
     Ok(report)
