@@ -545,6 +545,10 @@ pub fn run(
             // An ended feed is not a quiet market: the clock must not fabricate empty K-lines.
             engine.broadcast(|| WorkerInput::FeedDown(None), &mut |o| out.take(o));
             feed_ended_told = true;
+            if let Some(r) = recorder.as_mut() {
+                // The recording is complete now, not at the next heartbeat.
+                r.flush()?;
+            }
             tracing::info!(trades = out.report.trades, "feed ended: heartbeating until stopped");
         }
 

@@ -16,6 +16,8 @@ pub struct WalCounters {
     pub commits: AtomicU64,
     pub syncs: AtomicU64,
     pub segments_removed: AtomicU64,
+    /// The last seq written to the log (to the OS; fsynced per the durability setting).
+    pub logged_seq: AtomicU64,
 }
 
 /// The snapshot thread's counters (the delayed stream to durable consumers).

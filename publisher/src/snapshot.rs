@@ -51,6 +51,9 @@ pub struct SnapshotSettings {
     pub max_pending_closed: usize,
     /// Heartbeat period of the snapshot stream when idle.
     pub heartbeat: Duration,
+    /// A snapshot is frozen only once the WAL has logged every frame it covers (a restart
+    /// replays the log after a snapshot: it must hold all that came after). Off without a WAL.
+    pub wal_gate: bool,
 }
 
 impl Default for SnapshotSettings {
@@ -61,6 +64,7 @@ impl Default for SnapshotSettings {
             write_timeout: Duration::from_secs(30),
             max_pending_closed: 500_000,
             heartbeat: Duration::from_millis(100),
+            wal_gate: true,
         }
     }
 }
@@ -534,8 +538,15 @@ fn run(
                     Some(_) => Instant::now() >= resend_at,
                 }
         };
+        // Due at a boundary the WAL has not logged yet: hold here (take nothing more from the
+        // queue) until it has; the lag is the WAL thread's, milliseconds.
+        let wal_ok = |snap: &Snapshotter| {
+            !settings.wal_gate || metrics.wal.logged_seq.load(Ordering::Acquire) >= snap.covered_seq()
+        };
+        let holding = sending.is_none() && at_boundary && due(&snap, last_take, resend_at) && !wal_ok(&snap);
         let mut popped = 0usize;
-        while let Ok(item) = rx.pop() {
+        while !holding {
+            let Ok(item) = rx.pop() else { break };
             popped += 1;
             match item {
                 Item::Kline(k, seq) => {
@@ -595,7 +606,7 @@ fn run(
             }
         }
         c.pending_rows.store(snap.pending_rows() as u64, Ordering::Relaxed);
-        if sending.is_none() && at_boundary && due(&snap, last_take, resend_at) {
+        if sending.is_none() && at_boundary && due(&snap, last_take, resend_at) && wal_ok(&snap) {
             if snap.pending().is_some() {
                 c.resends.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!("no ack in time: re-sending merged into a new snapshot");

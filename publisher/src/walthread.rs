@@ -74,10 +74,12 @@ impl WalSink {
                 match from_publisher.pop() {
                     Ok(mut buf) => {
                         let (mut records, mut bytes) = (0u64, 0u64);
+                        let mut last_seq = None;
                         for frame in FrameIter::new(&buf) {
                             let frame = frame.map_err(WalSinkError::Frame)?;
                             if frame.kind() != FrameKind::Heartbeat {
                                 wal.append(frame.seq(), frame.raw())?;
+                                last_seq = Some(frame.seq());
                                 records += 1;
                                 bytes += frame.raw().len() as u64;
                             }
@@ -95,6 +97,10 @@ impl WalSink {
                         c.records.fetch_add(records, Ordering::Relaxed);
                         c.bytes.fetch_add(bytes, Ordering::Relaxed);
                         c.commits.fetch_add(1, Ordering::Relaxed);
+                        if let Some(s) = last_seq {
+                            // Written to the OS: survives the process (fsync by the durability).
+                            c.logged_seq.store(s, Ordering::Release);
+                        }
                         buf.clear();
                         let _ = to_publisher.push(buf);
                     }

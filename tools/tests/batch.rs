@@ -196,7 +196,17 @@ impl Run {
         let rec = read_dataset(&self.path("record"));
         for sym in SYMBOLS {
             let ids = |t: &[CsvTrade]| t.iter().map(|t| t.id).collect::<Vec<_>>();
-            assert_eq!(ids(&rec[sym]), ids(&data[sym]), "{sym}: the recording holds every trade exactly once");
+            let (got, want) = (ids(&rec[sym]), ids(&data[sym]));
+            if got != want {
+                let missing: Vec<_> = want.iter().filter(|i| !got.contains(i)).collect();
+                let mut seen = BTreeSet::new();
+                let twice: Vec<_> = got.iter().filter(|i| !seen.insert(**i)).collect();
+                panic!(
+                    "{sym}: the recording must hold every trade exactly once; missing {missing:?}, twice {twice:?}\n\
+                     broker log:\n{}",
+                    self.log("broker")
+                );
+            }
         }
         let url: DbUrl = self.db.parse().unwrap();
         let mut store = Store::open(&url).unwrap();

@@ -25,6 +25,18 @@ fn wait_logged(wal: &str, seq: u64, limit: Duration) {
     }
 }
 
+/// The last seq in the log (at or after `from`).
+fn last_logged(wal: &str, from: u64) -> u64 {
+    let out = Command::new(EXE)
+        .args(["replay", "--wal", wal, "--from-seq", &from.to_string(), "--format", "json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().rfind(|l| !l.is_empty()).unwrap();
+    serde_json::from_str::<Value>(line).unwrap()["seq"].as_u64().unwrap()
+}
+
 fn seqs(lines: &[Value]) -> Vec<u64> {
     lines.iter().filter(|v| v["kind"] != "heartbeat").map(|v| v["seq"].as_u64().unwrap()).collect()
 }
@@ -46,17 +58,23 @@ fn a_restarted_subscriber_resumes_from_the_log_with_every_frame_exactly_once() {
     first.signal(rustix::process::Signal::KILL);
     drop(first);
     let last = *seqs(&seen).last().unwrap();
-    // The broker goes on: at least 100 000 more frames.
+    // The broker goes on: at least 100 000 more frames. Then it is paused, so that the replacement
+    // surely catches up with the log before the broker goes on (whatever the machine's speed).
     wait_logged(wal_s, last + 100_000, Duration::from_secs(60));
-    // The replacement starts right after the last frame the first one printed.
+    broker.signal(rustix::process::Signal::STOP);
+    let logged = last_logged(wal_s, last + 100_000);
+    // The replacement starts right after the last frame the first one printed, and wants 20 000
+    // frames more than the log holds: those can only come live.
     let from = (last + 1).to_string();
-    let count = 150_000u64;
+    let count = logged - last + 20_000;
     let count_s = count.to_string();
     let mut second = Proc::spawn(
         "tail",
         &["tail", "--bus", &bus, "--from-seq", &from, "--wal", wal_s, "--count", &count_s, "--timeout", "90"],
     );
     let rx = second.lines();
+    std::thread::sleep(Duration::from_millis(500));
+    broker.signal(rustix::process::Signal::CONT);
     let (ok, err) = second.wait(Duration::from_secs(120));
     assert!(ok, "{err}");
     let got: Vec<u64> =

@@ -280,6 +280,7 @@ pub fn broker_config(cli: &Cli, a: &BrokerArgs) -> Result<(BrokerConfig, Option<
             interval: Duration::from_millis(cfg.batch.snapshot_interval_ms),
             ack_timeout: Duration::from_millis(cfg.batch.ack_timeout_ms),
             write_timeout: Duration::from_millis(cfg.batch.write_timeout_ms),
+            wal_gate: cfg.wal.enabled,
             max_pending_closed: cfg.batch.max_pending_closed,
             ..SnapshotSettings::default()
         }),

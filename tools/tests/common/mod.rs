@@ -36,7 +36,10 @@ impl TempDir {
 }
 impl Drop for TempDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        // MDBUS_KEEP_TMP=1 keeps it (logs, databases, recordings) for a post-mortem.
+        if std::env::var_os("MDBUS_KEEP_TMP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
 }
 
