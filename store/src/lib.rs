@@ -50,6 +50,14 @@
 //! the server's `synchronous_commit`. Rows go to PostgreSQL through `COPY` into a temporary
 //! table and one `INSERT … SELECT … ON CONFLICT`, to SQLite through one prepared statement reused
 //! inside the transaction.
+//!
+//! # Reads
+//!
+//! Rows are decoded where the driver holds them (SQLite's column text, PostgreSQL's binary
+//! results with NUMERIC as base-10000 digits), nothing allocated per row; a row that does not
+//! decode is [`StoreError::Corrupt`]. The restart read walks the partial index `klines_open`; on
+//! SQLite each open row then costs one primary-key lookup, which is most of what the read costs
+//! (`cargo run --release -p mdbus-store --example read_open` times it).
 #![forbid(unsafe_code)]
 
 mod pg;
@@ -116,7 +124,7 @@ pub struct Store {
 
 enum Backend {
     Sqlite(sqlite::Sqlite),
-    Postgres(pg::Pg),
+    Postgres(Box<pg::Pg>),
 }
 
 impl std::fmt::Debug for Store {
@@ -134,7 +142,7 @@ impl Store {
     pub fn open(url: &DbUrl) -> Result<Store, StoreError> {
         let backend = match url {
             DbUrl::Sqlite(path) => Backend::Sqlite(sqlite::Sqlite::open(path)?),
-            DbUrl::Postgres(u) => Backend::Postgres(pg::Pg::open(u, &url.to_string())?),
+            DbUrl::Postgres(u) => Backend::Postgres(Box::new(pg::Pg::open(u, &url.to_string())?)),
         };
         Ok(Store { backend })
     }
@@ -183,11 +191,10 @@ impl Store {
     /// Every open (not closed) K-line row, by symbol, interval and open time: the broker's
     /// restart state. `symbol_id` is 0 in the result.
     pub fn open_klines(&mut self) -> Result<Vec<Kline>, StoreError> {
-        let rows = match &mut self.backend {
-            Backend::Sqlite(s) => s.open_rows()?,
-            Backend::Postgres(p) => p.open_rows()?,
-        };
-        rows.into_iter().map(row::StoredRow::into_kline).collect()
+        match &mut self.backend {
+            Backend::Sqlite(s) => s.open_klines(),
+            Backend::Postgres(p) => p.open_klines(),
+        }
     }
 
     /// Binance `/api/v3/klines` semantics: ascending `open_time`; `start_ms` / `end_ms` filter on
@@ -216,7 +223,7 @@ impl Store {
         if newest_first {
             rows.reverse();
         }
-        rows.into_iter().map(row::StoredRow::into_kline).collect()
+        Ok(rows)
     }
 
     /// Number of rows in `klines` (tests, benchmarks).

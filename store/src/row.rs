@@ -2,8 +2,10 @@
 //!
 //! Decimals are written with the digits their scale needs (`Fixed::to_plain_string`) and read back
 //! with a parser that takes the full `i128` range (`Fixed::parse` stops one short of `i128::MIN`),
-//! so every K-line comes back bit for bit. Upstream: `write_snapshot`'s rows; downstream: the
-//! SQLite and PostgreSQL statements.
+//! so every K-line comes back bit for bit. Reads borrow: a [`StoredRow`] points into the driver's
+//! buffers (SQLite's column text, PostgreSQL's binary row) and decodes straight into a [`Kline`],
+//! with no allocation per row. Upstream: `write_snapshot`'s rows; downstream: the SQLite and
+//! PostgreSQL statements.
 
 use mdbus_schema::decimal::MAX_SCALE;
 use mdbus_schema::{Fixed, Interval, Kline, Symbol};
@@ -102,16 +104,39 @@ impl Row {
     }
 }
 
-/// A row as read back (every backend reads into this; decimals as text).
+/// A stored decimal as a backend hands it out, borrowed from the row it came in.
+pub(crate) trait StoredDecimal: std::fmt::Debug {
+    /// The mantissa at `scale`; `None` for anything but a decimal that `scale` digits hold exactly
+    /// and whose mantissa fits `i128`.
+    fn mantissa(&self, scale: u8) -> Option<i128>;
+}
+
+/// Decimal text (SQLite's TEXT columns), as [`parse_decimal`] reads it.
+pub(crate) struct DecimalText<'a>(pub &'a [u8]);
+
+impl StoredDecimal for DecimalText<'_> {
+    fn mantissa(&self, scale: u8) -> Option<i128> {
+        parse_decimal(self.0, scale)
+    }
+}
+
+impl std::fmt::Debug for DecimalText<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", String::from_utf8_lossy(self.0))
+    }
+}
+
+/// A row as read back, borrowing the backend's buffers (every backend reads into this; nothing is
+/// allocated per row unless it is corrupt).
 #[derive(Debug)]
-pub(crate) struct StoredRow {
-    pub symbol: String,
-    pub interval: String,
+pub(crate) struct StoredRow<'a, D> {
+    pub symbol: &'a str,
+    pub interval: &'a str,
     pub open_time: i64,
     pub close_time: i64,
     pub price_scale: i64,
     pub qty_scale: i64,
-    pub decimals: [String; 8],
+    pub decimals: [D; 8],
     pub trade_count: i64,
     pub first_trade_id: i64,
     pub last_trade_id: i64,
@@ -120,12 +145,13 @@ pub(crate) struct StoredRow {
     pub flags: i64,
 }
 
-impl StoredRow {
+impl<D: StoredDecimal> StoredRow<'_, D> {
     /// The K-line, with `symbol_id = 0` (ids are a broker's, not the database's).
-    pub fn into_kline(self) -> Result<Kline, StoreError> {
-        let at = || format!("row {} {} {}", self.symbol, self.interval, self.open_time);
-        let corrupt = |what: String| StoreError::Corrupt(format!("{}: {what}", at()));
-        let symbol = Symbol::new(&self.symbol).map_err(|e| corrupt(format!("symbol: {e}")))?;
+    pub fn to_kline(&self) -> Result<Kline, StoreError> {
+        let corrupt = |what: String| {
+            StoreError::Corrupt(format!("row {} {} {}: {what}", self.symbol, self.interval, self.open_time))
+        };
+        let symbol = Symbol::new(self.symbol).map_err(|e| corrupt(format!("symbol: {e}")))?;
         let interval: Interval = self.interval.parse().map_err(|e| corrupt(format!("{e}")))?;
         let small = |name: &str, v: i64| u8::try_from(v).map_err(|_| corrupt(format!("{name} {v}")));
         let price_scale = small("price_scale", self.price_scale)?;
@@ -134,7 +160,7 @@ impl StoredRow {
             return Err(corrupt(format!("scales {price_scale} + {qty_scale}")));
         }
         let dec = |i: usize, scale: u8| {
-            parse_decimal(&self.decimals[i], scale).ok_or_else(|| {
+            self.decimals[i].mantissa(scale).ok_or_else(|| {
                 corrupt(format!("{} {:?} at scale {scale}", COLUMNS[DECIMALS.start + i], self.decimals[i]))
             })
         };
@@ -172,36 +198,92 @@ impl StoredRow {
 
 /// The mantissa of decimal text at `scale`: `"-1.50"` at 3 is `-1500`. Digits beyond the scale
 /// must be zeros (PostgreSQL may pad); the whole `i128` range, `i128::MIN` included, is accepted.
-pub(crate) fn parse_decimal(s: &str, scale: u8) -> Option<i128> {
-    let s = s.trim();
-    let (neg, body) = match s.as_bytes().first()? {
-        b'-' => (true, &s[1..]),
-        b'+' => (false, &s[1..]),
+/// Surrounding whitespace is ignored. Reads the bytes in place (no allocation).
+pub(crate) fn parse_decimal(s: &[u8], scale: u8) -> Option<i128> {
+    let mut s = s.trim_ascii();
+    // Whitespace beyond ASCII (rare enough to take the slow path).
+    if s.first().is_some_and(|b| !b.is_ascii()) || s.last().is_some_and(|b| !b.is_ascii()) {
+        s = std::str::from_utf8(s).ok()?.trim().as_bytes();
+    }
+    let (neg, body) = match s.split_first()? {
+        (b'-', rest) => (true, rest),
+        (b'+', rest) => (false, rest),
         _ => (false, s),
     };
-    let (int, frac) = body.split_once('.').unwrap_or((body, ""));
+    let (int, frac) = match body.iter().position(|&b| b == b'.') {
+        Some(dot) => (&body[..dot], &body[dot + 1..]),
+        None => (body, &[][..]),
+    };
     if int.is_empty() && frac.is_empty() {
-        return None;
-    }
-    if !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit()) {
         return None;
     }
     let scale = usize::from(scale);
     let (kept, beyond) = frac.split_at(frac.len().min(scale));
-    if beyond.bytes().any(|b| b != b'0') {
+    if beyond.iter().any(|&b| b != b'0') {
         return None;
     }
-    let mut digits = String::with_capacity(1 + int.len() + scale);
+    if int.len() + scale <= 19 {
+        // The common case: the mantissa has at most 19 digits, so it fits a `u64` as it grows.
+        let mut v = 0u64;
+        for &b in int.iter().chain(kept) {
+            let d = b.wrapping_sub(b'0');
+            if d > 9 {
+                return None;
+            }
+            v = v * 10 + u64::from(d);
+        }
+        // Lossless: 10^(scale - kept.len()) is one of POW10's first 20 entries and the product
+        // has at most 19 digits.
+        let v = i128::from(v) * POW10[scale - kept.len()] as i128;
+        return Some(if neg { -v } else { v });
+    }
+    let mag = push_digits(push_digits(0, int)?, kept)?;
+    signed(neg, shift(mag, scale - kept.len())?)
+}
+
+/// `10^n` for every `n` a `u128` holds.
+pub(crate) const POW10: [u128; 39] = {
+    let mut t = [1u128; 39];
+    let mut i = 1;
+    while i < t.len() {
+        t[i] = t[i - 1] * 10;
+        i += 1;
+    }
+    t
+};
+
+/// `mag` followed by the decimal digits `s` (19 at a time in a `u64`); `None` for a byte that
+/// is not a digit or a value beyond `u128`.
+fn push_digits(mut mag: u128, s: &[u8]) -> Option<u128> {
+    for chunk in s.chunks(19) {
+        let mut v = 0u64;
+        for &b in chunk {
+            let d = b.wrapping_sub(b'0');
+            if d > 9 {
+                return None;
+            }
+            v = v * 10 + u64::from(d);
+        }
+        mag = mag.checked_mul(POW10[chunk.len()])?.checked_add(u128::from(v))?;
+    }
+    Some(mag)
+}
+
+/// `mag × 10^n`, `None` beyond `u128`.
+pub(crate) fn shift(mag: u128, n: usize) -> Option<u128> {
+    if mag == 0 {
+        return Some(0);
+    }
+    mag.checked_mul(*POW10.get(n)?)
+}
+
+/// The magnitude with its sign, `None` beyond `i128` (whose `MIN` has no positive twin).
+pub(crate) fn signed(neg: bool, mag: u128) -> Option<i128> {
     if neg {
-        digits.push('-');
+        0i128.checked_sub_unsigned(mag)
+    } else {
+        i128::try_from(mag).ok()
     }
-    digits.push_str(int);
-    digits.push_str(kept);
-    digits.extend(std::iter::repeat_n('0', scale - kept.len()));
-    if digits.len() == usize::from(neg) {
-        digits.push('0');
-    }
-    digits.parse().ok()
 }
 
 #[cfg(test)]
@@ -214,24 +296,40 @@ mod tests {
         for scale in [0u8, 1, 8, 16, 18] {
             for m in [0i128, 1, -1, 12345, -99, i128::from(i64::MAX), i128::from(i64::MIN), i128::MAX, i128::MIN] {
                 let text = Fixed::new(m, scale).to_plain_string();
-                assert_eq!(parse_decimal(&text, scale), Some(m), "{text} at {scale}");
+                assert_eq!(parse_decimal(text.as_bytes(), scale), Some(m), "{text} at {scale}");
             }
         }
     }
 
     #[test]
     fn decimal_text_accepts_padding_and_refuses_lost_digits() {
-        assert_eq!(parse_decimal("1.50", 1), Some(15));
-        assert_eq!(parse_decimal("1.5000", 2), Some(150));
-        assert_eq!(parse_decimal("-0.01", 2), Some(-1));
-        assert_eq!(parse_decimal(".5", 1), Some(5));
-        assert_eq!(parse_decimal("7", 3), Some(7000));
-        assert_eq!(parse_decimal("1.05", 1), None);
-        assert_eq!(parse_decimal("", 1), None);
-        assert_eq!(parse_decimal("-", 1), None);
-        assert_eq!(parse_decimal(".", 1), None);
-        assert_eq!(parse_decimal("NaN", 1), None);
-        assert_eq!(parse_decimal("1e5", 1), None);
-        assert_eq!(parse_decimal("170141183460469231731687303715884105728", 0), None);
+        assert_eq!(parse_decimal(b"1.50", 1), Some(15));
+        assert_eq!(parse_decimal(b"1.5000", 2), Some(150));
+        assert_eq!(parse_decimal(b"-0.01", 2), Some(-1));
+        assert_eq!(parse_decimal(b".5", 1), Some(5));
+        assert_eq!(parse_decimal(b"7", 3), Some(7000));
+        assert_eq!(parse_decimal(b"1.05", 1), None);
+        assert_eq!(parse_decimal(b"", 1), None);
+        assert_eq!(parse_decimal(b"-", 1), None);
+        assert_eq!(parse_decimal(b".", 1), None);
+        assert_eq!(parse_decimal(b"NaN", 1), None);
+        assert_eq!(parse_decimal(b"1e5", 1), None);
+        assert_eq!(parse_decimal(b"170141183460469231731687303715884105728", 0), None);
+        assert_eq!(parse_decimal(b"-170141183460469231731687303715884105728", 0), Some(i128::MIN));
+        assert_eq!(parse_decimal(b"-17014118346046923173168730371588410572.8", 0), None);
+        assert_eq!(parse_decimal(b"-17014118346046923173168730371588410572.8", 1), Some(i128::MIN));
+        assert_eq!(parse_decimal(b"+5", 2), Some(500));
+        assert_eq!(parse_decimal(b" 1.5\n", 1), Some(15));
+        assert_eq!(parse_decimal("\u{a0}1.5\u{3000}".as_bytes(), 1), Some(15));
+        assert_eq!(parse_decimal(b"\xff1.5", 1), None);
+        assert_eq!(parse_decimal(b".000", 0), Some(0));
+        assert_eq!(parse_decimal(b"-0", 2), Some(0));
+        assert_eq!(parse_decimal(b"0", 255), Some(0));
+        assert_eq!(parse_decimal(b"1", 39), None);
+        assert_eq!(parse_decimal(b"1..5", 2), None);
+        assert_eq!(parse_decimal(b"1.5.", 2), None);
+        assert_eq!(parse_decimal(b"--1", 0), None);
+        assert_eq!(parse_decimal(b"-+1", 0), None);
+        assert_eq!(parse_decimal(b"1 5", 0), None);
     }
 }

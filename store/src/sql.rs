@@ -1,6 +1,6 @@
 //! The statements, written once with `$N` placeholders; SQLite gets `?N` (the same numbering).
 
-use crate::row::{COLUMNS, DECIMALS};
+use crate::row::COLUMNS;
 
 /// The schema this code writes and reads.
 pub(crate) const SCHEMA_VERSION: i64 = 1;
@@ -100,24 +100,14 @@ pub(crate) fn select_commit(d: Dialect) -> String {
     d.sql("SELECT snapshot_id, covered_seq, committed_at_ms FROM mdbus_commits WHERE bus = $1")
 }
 
-/// The columns a K-line is read from (all but `updated_at_ms`), decimals as text.
-pub(crate) fn select_list(d: Dialect) -> String {
-    let cols: Vec<String> = COLUMNS[..COLUMNS.len() - 1]
-        .iter()
-        .enumerate()
-        .map(|(i, c)| match d {
-            Dialect::Postgres if DECIMALS.contains(&i) => format!("{c}::text"),
-            Dialect::Postgres if matches!(*c, "price_scale" | "qty_scale" | "revision" | "flags") => {
-                format!("{c}::int8")
-            }
-            _ => (*c).to_owned(),
-        })
-        .collect();
-    cols.join(", ")
+/// The columns a K-line is read from (all but `updated_at_ms`), in their stored types (PostgreSQL
+/// sends them in binary: NUMERIC's base-10000 digits, no text formatting on the server).
+pub(crate) fn select_list() -> String {
+    COLUMNS[..COLUMNS.len() - 1].join(", ")
 }
 
-pub(crate) fn select_open(d: Dialect) -> String {
-    format!("SELECT {} FROM klines WHERE NOT closed ORDER BY symbol, \"interval\", open_time", select_list(d))
+pub(crate) fn select_open() -> String {
+    format!("SELECT {} FROM klines WHERE NOT closed ORDER BY symbol, \"interval\", open_time", select_list())
 }
 
 /// `klines()`: `$1` symbol, `$2` interval, `$3`..`$4` the open-time range, `$5` the limit;
@@ -126,7 +116,7 @@ pub(crate) fn select_range(d: Dialect, newest_first: bool) -> String {
     d.sql(&format!(
         "SELECT {} FROM klines WHERE symbol = $1 AND \"interval\" = $2 AND open_time >= $3 AND open_time <= $4 \
          ORDER BY open_time {} LIMIT $5",
-        select_list(d),
+        select_list(),
         if newest_first { "DESC" } else { "ASC" }
     ))
 }

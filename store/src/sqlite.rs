@@ -3,9 +3,11 @@
 use std::path::Path;
 use std::time::Duration;
 
+use mdbus_schema::Kline;
+use rusqlite::types::ValueRef;
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
 
-use crate::row::{Row, StoredRow};
+use crate::row::{DecimalText, Row, StoredRow, COLUMNS};
 use crate::sql::{self, Dialect};
 use crate::{RangeQuery, StoreError};
 
@@ -150,41 +152,54 @@ impl Sqlite {
             .map_err(self.err("reading the commit marker"))
     }
 
-    pub fn open_rows(&mut self) -> Result<Vec<StoredRow>, StoreError> {
-        let sql = sql::select_open(D);
-        self.query(&sql, [], "reading the open K-lines")
+    pub fn open_klines(&mut self) -> Result<Vec<Kline>, StoreError> {
+        self.read(&sql::select_open(), [], "reading the open K-lines")
     }
 
-    pub fn range(&mut self, q: RangeQuery<'_>, newest_first: bool) -> Result<Vec<StoredRow>, StoreError> {
+    pub fn range(&mut self, q: RangeQuery<'_>, newest_first: bool) -> Result<Vec<Kline>, StoreError> {
         let sql = sql::select_range(D, newest_first);
-        self.query(&sql, params![q.0, q.1, q.2, q.3, q.4], "reading K-lines")
+        self.read(&sql, params![q.0, q.1, q.2, q.3, q.4], "reading K-lines")
     }
 
     pub fn count(&mut self) -> Result<i64, StoreError> {
         self.conn.query_row("SELECT count(*) FROM klines", [], |r| r.get(0)).map_err(self.err("counting K-lines"))
     }
 
-    fn query(
-        &mut self,
-        sql: &str,
-        params: impl rusqlite::Params,
-        context: &'static str,
-    ) -> Result<Vec<StoredRow>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(sql).map_err(self.err(context))?;
-        let rows = stmt.query_map(params, read_row).map_err(self.err(context))?;
-        rows.collect::<Result<Vec<_>, _>>().map_err(self.err(context))
+    /// Steps through the rows and decodes each from the statement's own buffers (no copies).
+    fn read(&self, sql: &str, params: impl rusqlite::Params, context: &'static str) -> Result<Vec<Kline>, StoreError> {
+        let err = |source| StoreError::Sqlite { url: self.url.clone(), context, source };
+        let mut stmt = self.conn.prepare_cached(sql).map_err(err)?;
+        let mut rows = stmt.query(params).map_err(err)?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next().map_err(err)? {
+            out.push(read_row(r).map_err(err)?.to_kline()?);
+        }
+        Ok(out)
     }
 }
 
-fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredRow> {
+/// Text column `i`, borrowed (valid until the next step).
+fn text<'r>(r: &'r rusqlite::Row<'_>, i: usize) -> rusqlite::Result<&'r [u8]> {
+    match r.get_ref(i)? {
+        ValueRef::Text(t) => Ok(t),
+        v => Err(rusqlite::Error::InvalidColumnType(i, COLUMNS[i].to_owned(), v.data_type())),
+    }
+}
+
+fn utf8<'r>(r: &'r rusqlite::Row<'_>, i: usize) -> rusqlite::Result<&'r str> {
+    std::str::from_utf8(text(r, i)?).map_err(|e| rusqlite::Error::Utf8Error(i, e))
+}
+
+fn read_row<'r>(r: &'r rusqlite::Row<'_>) -> rusqlite::Result<StoredRow<'r, DecimalText<'r>>> {
+    let d = |i: usize| text(r, i).map(DecimalText);
     Ok(StoredRow {
-        symbol: r.get(0)?,
-        interval: r.get(1)?,
+        symbol: utf8(r, 0)?,
+        interval: utf8(r, 1)?,
         open_time: r.get(2)?,
         close_time: r.get(3)?,
         price_scale: r.get(4)?,
         qty_scale: r.get(5)?,
-        decimals: [r.get(6)?, r.get(7)?, r.get(8)?, r.get(9)?, r.get(10)?, r.get(11)?, r.get(12)?, r.get(13)?],
+        decimals: [d(6)?, d(7)?, d(8)?, d(9)?, d(10)?, d(11)?, d(12)?, d(13)?],
         trade_count: r.get(14)?,
         first_trade_id: r.get(15)?,
         last_trade_id: r.get(16)?,
@@ -206,7 +221,7 @@ mod tests {
         let s = super::Sqlite::open(&dir.join("k.db")).unwrap();
         let plan: Vec<String> = s
             .conn
-            .prepare(&format!("EXPLAIN QUERY PLAN {}", super::sql::select_open(super::D)))
+            .prepare(&format!("EXPLAIN QUERY PLAN {}", super::sql::select_open()))
             .unwrap()
             .query_map([], |r| r.get::<_, String>(3))
             .unwrap()

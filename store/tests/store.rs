@@ -330,3 +330,59 @@ fn a_postgres_role_that_may_only_read_can_query() {
     let e = s.write_snapshot("b", 2, 2, &[k]).unwrap_err();
     assert!(!e.is_unavailable(), "{e}");
 }
+
+/// A row the store did not write decodes to an error naming what is wrong, never to a panic or a
+/// wrong K-line, on the restart read and on the range read alike.
+#[test]
+fn corrupt_rows_are_errors() {
+    let d = dbs("corrupt");
+    let k = kline("BTCUSDT", Interval::M1, 1_700_000_040_000);
+    let common = [
+        ("open = '1.005'", "open \"1.005\" at scale 2"),
+        ("volume = '1e40'", "volume"),
+        ("taker_buy_quote_volume = '-1701411834604692317316873037158841057.29'", "taker_buy_quote_volume"),
+        ("open = '92233720368547758.08'", "open out of range"),
+        ("price_scale = 300", "price_scale 300"),
+        ("price_scale = 10, qty_scale = 10", "scales 10 + 10"),
+        ("revision = -1", "revision -1"),
+        ("flags = 256", "flags 256"),
+        ("trade_count = -5", "trade_count -5"),
+        ("symbol = 'BTC-USDT'", "symbol"),
+        ("\"interval\" = '7m'", "7m"),
+    ];
+    for url in &d.urls {
+        let mut s = Store::open(url).unwrap();
+        let specific: &[(&str, &str)] = match url {
+            DbUrl::Sqlite(_) => &[
+                ("volume = '12x'", "volume \"12x\""),
+                ("open = x'31'", "open"),
+                ("symbol = CAST(x'ff' AS TEXT)", "utf-8"),
+            ],
+            DbUrl::Postgres(_) => &[("open = 'NaN'", "open \"NaN\""), ("high = '-Infinity'", "high \"-Infinity\"")],
+        };
+        let exec = |sql: &str| match url {
+            DbUrl::Sqlite(path) => {
+                rusqlite::Connection::open(path).unwrap().execute_batch(sql).unwrap();
+            }
+            DbUrl::Postgres(u) => {
+                postgres::Client::connect(u, postgres::NoTls).unwrap().batch_execute(sql).unwrap();
+            }
+        };
+        for (set, mention) in common.iter().chain(specific) {
+            exec("DELETE FROM klines");
+            s.write_snapshot("b", 1, 1, &[k]).unwrap();
+            assert_eq!(s.open_klines().unwrap(), vec![stored(k)], "{url}");
+            exec(&format!("UPDATE klines SET {set}"));
+            let e = s.open_klines().unwrap_err();
+            assert!(!e.is_unavailable() && e.to_string().contains(mention), "{url} {set}: {e}");
+            // The range read finds the row unless its key is what was damaged.
+            let range = s.klines("BTCUSDT", Interval::M1, None, None, 10);
+            if set.starts_with("symbol") || set.starts_with("\"interval\"") {
+                assert_eq!(range.unwrap(), vec![], "{url} {set}");
+            } else {
+                let e = range.unwrap_err();
+                assert!(e.to_string().contains(mention), "{url} {set}: {e}");
+            }
+        }
+    }
+}
