@@ -120,7 +120,7 @@ pub fn figures(r: &ScenarioReport) -> Vec<Figure> {
             if let Some(p) = find(r, "PostgreSQL upsert, one") {
                 out.push(fig("snapshot rows written to PostgreSQL", p.per_second / 1e3, "k rows/s", None));
             }
-            if let Some(x) = find(r, "broker restart after kill -9") {
+            for x in r.rows.iter().filter(|x| x.name.starts_with("broker restart after kill -9")) {
                 out.push(fig(
                     &format!("{}: start to publishing", x.name),
                     x.p50_ns as f64 / 1e9,
