@@ -545,8 +545,7 @@ fn run(
         };
         let holding = sending.is_none() && at_boundary && due(&snap, last_take, resend_at) && !wal_ok(&snap);
         let mut popped = 0usize;
-        while !holding {
-            let Ok(item) = rx.pop() else { break };
+        while let Some(item) = if holding { None } else { rx.pop().ok() } {
             popped += 1;
             match item {
                 Item::Kline(k, seq) => {
