@@ -88,8 +88,10 @@ fn spawn_exchange(cli: &Cli, a: &DemoArgs, metrics: &str) -> Result<(Child, Stri
     spawn_service(&args, "mock exchange", "127.0.0.1:0")
 }
 
-/// Starts `mdbus <args>`; returns it and the `ws://` address it prints once ready.
-fn spawn_service(args: &[String], name: &str, listen: &str) -> Result<(Child, String)> {
+/// Starts `mdbus <args>` in its own process group; returns it and the first line it prints (its
+/// readiness), or stops it and fails after 20 s without one. Its stdout is drained afterwards so
+/// that it never blocks on a full pipe.
+fn spawn_ready(args: &[String], name: &str) -> Result<(Child, Option<String>)> {
     let exe = std::env::current_exe().context("locating the mdbus executable")?;
     let mut cmd = Command::new(exe);
     cmd.args(args);
@@ -102,47 +104,42 @@ fn spawn_service(args: &[String], name: &str, listen: &str) -> Result<(Child, St
         use std::io::BufRead;
         let mut lines = std::io::BufReader::new(out).lines();
         let _ = tx.send(lines.next());
-        // Keep reading so that the gateway never blocks on a full pipe.
         for _ in lines {}
     });
-    match rx.recv_timeout(Duration::from_secs(20)) {
-        Ok(Some(Ok(line))) => match line.split("ws://").nth(1).and_then(|r| r.split_whitespace().next()) {
-            Some(addr) => Ok((child, addr.to_owned())),
-            None => {
-                stop_child(&mut child, name);
-                anyhow::bail!("the {name} printed {line:?} instead of its address")
-            }
-        },
+    let line = match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(Some(Ok(line))) => Some(line),
         _ => {
             stop_child(&mut child, name);
-            anyhow::bail!("the {name} did not start on {listen} (see its error above)")
+            None
+        }
+    };
+    Ok((child, line))
+}
+
+/// Starts `mdbus <args>`; returns it and the `ws://` address it prints once ready.
+fn spawn_service(args: &[String], name: &str, listen: &str) -> Result<(Child, String)> {
+    let (mut child, line) = spawn_ready(args, name)?;
+    let Some(line) = line else { anyhow::bail!("the {name} did not start on {listen} (see its error above)") };
+    match line.split("ws://").nth(1).and_then(|r| r.split_whitespace().next()) {
+        Some(addr) => Ok((child, addr.to_owned())),
+        None => {
+            stop_child(&mut child, name);
+            anyhow::bail!("the {name} printed {line:?} instead of its address")
         }
     }
 }
 
 /// Starts `mdbus batch` on `db`; returns once it is subscribed.
 fn spawn_batch(cli: &Cli, db: &str, metrics: &str) -> Result<Child> {
-    let exe = std::env::current_exe().context("locating the mdbus executable")?;
-    let mut cmd = Command::new(exe);
-    cmd.args(["batch", "--bus", &cli.bus(), "--db", db, "--metrics", metrics]);
-    cmd.args(log_args(cli));
+    let mut args: Vec<String> =
+        ["batch", "--bus", &cli.bus(), "--db", db, "--metrics", metrics].iter().map(|s| s.to_string()).collect();
+    args.extend(log_args(cli));
     if let Some(c) = &cli.config {
-        cmd.arg("--config").arg(c);
+        args.extend(["--config".into(), c.display().to_string()]);
     }
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped());
-    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-    let mut child = cmd.spawn().context("starting the batch writer")?;
-    let out = child.stdout.take().context("batch writer stdout")?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        let mut lines = std::io::BufReader::new(out).lines();
-        let _ = tx.send(lines.next());
-        for _ in lines {}
-    });
-    match rx.recv_timeout(Duration::from_secs(20)) {
-        Ok(Some(Ok(line))) if line == "batch writer ready" => Ok(child),
-        _ => {
+    match spawn_ready(&args, "batch writer")? {
+        (child, Some(line)) if line == "batch writer ready" => Ok(child),
+        (mut child, _) => {
             stop_child(&mut child, "batch writer");
             anyhow::bail!("the batch writer did not start on {db} (see its error above)")
         }
