@@ -55,9 +55,15 @@ pub struct TailArgs {
 pub fn run(cli: &Cli, a: &TailArgs) -> Result<ExitCode> {
     let cfg = Config::load(cli.config.as_deref())?;
     if stream_id(&a.stream).is_none() {
-        bail!("--stream {:?}: unknown stream (known: realtime)", a.stream);
+        bail!("--stream {:?}: unknown stream (known: realtime, snapshot, acks)", a.stream);
     }
-    let mut opts = ReaderOptions::default().settings(cfg.stream_settings()).node_name("tail");
+    // Each stream's shared memory is sized its own way; both sides must agree.
+    let settings = match a.stream.as_str() {
+        "snapshot" => mdbus_bus::StreamSettings::snapshot(),
+        "acks" => mdbus_bus::StreamSettings::acks(),
+        _ => cfg.stream_settings(),
+    };
+    let mut opts = ReaderOptions::default().settings(settings).node_name("tail");
     if let Some(b) = a.buffer {
         opts = opts.buffer(b);
     }
