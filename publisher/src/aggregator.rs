@@ -306,12 +306,20 @@ impl Aggregator {
     /// dropped and counted. Returns false for an unknown symbol.
     pub fn restore_symbol(&mut self, symbol_id: u32, views: &[Option<Kline>; N]) -> bool {
         let Some(st) = self.symbols.get_mut(symbol_id as usize).filter(|s| s.active) else { return false };
-        let Some(latest) = views.iter().flatten().map(|k| k.open_time).max() else { return true };
+        let Some(finest) = views.iter().flatten().next().copied() else { return true };
+        let latest = views.iter().flatten().map(|k| k.open_time).max().unwrap_or(finest.open_time);
+        // No open 1s K-line stored: an empty one in the newest bucket, from the finest close.
         let s1 = views[0].unwrap_or_else(|| {
-            // No open 1s K-line stored: an empty one in the newest bucket, from the finest close.
-            let last = views.iter().flatten().next().copied().unwrap_or_else(|| unreachable_kline(&st.spec));
             let t = Interval::S1.open_time(latest);
-            Kline::empty(Interval::S1, t, last.symbol, last.symbol_id, last.price_scale, last.qty_scale, last.close)
+            Kline::empty(
+                Interval::S1,
+                t,
+                finest.symbol,
+                finest.symbol_id,
+                finest.price_scale,
+                finest.qty_scale,
+                finest.close,
+            )
         });
         let mut due = i64::MAX;
         for (i, v) in views.iter().enumerate() {
@@ -766,10 +774,6 @@ fn unmerge(whole: Kline, s1: &Kline) -> Kline {
     // Otherwise `whole`'s open, first id, high and low stand; its close and last id are the 1s
     // K-line's, which a merge (last id >=) replaces with the 1s K-line's latest.
     p
-}
-
-fn unreachable_kline(spec: &SymbolSpec) -> Kline {
-    Kline::empty(Interval::S1, 0, spec.symbol, 0, spec.price_scale, spec.qty_scale, 0)
 }
 
 /// The live state of a symbol's K-line of interval index `i`: the 1s K-line itself, or a coarser

@@ -419,6 +419,7 @@ pub fn run(
         }
     }
     let mut skipped_resumed = 0u64;
+    let restored = config.restore.is_some();
     let metrics = &*control.metrics;
     // Exchange event → ingest means something only when event times are (shifted to) wall time.
     let ingest_latency = feed.is_live() || matches!(config.clock, ClockMode::Wall);
@@ -483,7 +484,8 @@ pub fn run(
         while n < MAX_TRADES_PER_ROUND && feed_state == FeedState::Live && feed.peek_time_us() <= horizon_us {
             let mut t = match feed.next() {
                 Some(Item::Trade(t)) => {
-                    if resume.get(t.symbol_id as usize).is_some_and(|&(last, _)| t.trade_id <= last) {
+                    // Only a restored broker has trades to skip.
+                    if restored && resume.get(t.symbol_id as usize).is_some_and(|&(last, _)| t.trade_id <= last) {
                         // Already aggregated before the restart (a resumed replay or live source).
                         skipped_resumed += 1;
                         if skipped_resumed == 1 {

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use backon::BackoffBuilder;
 use clap::Args;
 use mdbus_bus::{BusNode, StreamSettings};
@@ -108,11 +108,6 @@ pub fn run(cli: &Cli, a: &BatchArgs) -> Result<ExitCode> {
     }
     cfg.validate()?;
     let url = cfg.batch.db_for(&bus)?;
-    if let DbUrl::Sqlite(p) = &url {
-        if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
-    }
     let wal_dir = a.wal.clone().unwrap_or_else(|| cfg.wal.dir_for(&bus, "realtime"));
     let stop = crate::signals::stop_flag()?;
     let stats = Arc::new(Stats::default());

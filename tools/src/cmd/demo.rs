@@ -208,13 +208,8 @@ pub fn run(cli: &Cli, a: &DemoArgs) -> Result<ExitCode> {
         exchange: free_or(&cfg.metrics.mock_exchange),
     };
     let batch_metrics = free_or("127.0.0.1:0");
-    let db = cfg.batch.db_for(&bus)?;
-    if let mdbus_store::DbUrl::Sqlite(p) = &db {
-        if let Some(dir) = p.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
-    }
-    let db = db.to_string();
+    // (`Store::open` creates a SQLite file's folder.)
+    let db = cfg.batch.db_for(&bus)?.to_string();
     let (mut exchange, exchange_addr) = spawn_exchange(cli, a, &m.exchange)?;
     let mut batch = match spawn_batch(cli, &db, &batch_metrics) {
         Ok(b) => b,
