@@ -164,7 +164,6 @@ pub struct Reader {
     wal: Option<WalReader>,
     /// Replay the log up to its end before the next live frame.
     catch_up: bool,
-    wal_buf: rkyv::util::AlignedVec<16>,
     /// After a fill gave up waiting for the log, later fills do not wait until this time (a log
     /// that is not being written must not stall the live stream at every gap).
     wal_stale_until: Option<Instant>,
@@ -198,7 +197,6 @@ impl Reader {
             wal_dir: options.wal,
             wal: None,
             catch_up: false,
-            wal_buf: rkyv::util::AlignedVec::new(),
             wal_stale_until: None,
         })
     }
@@ -246,9 +244,8 @@ impl Reader {
                     if end.is_some_and(|e| rec.seq >= e) {
                         break;
                     }
-                    self.wal_buf.clear();
-                    self.wal_buf.extend_from_slice(rec.payload);
-                    let Ok(frame) = FrameRef::parse(&self.wal_buf) else {
+                    // The log hands payloads out aligned: validated in place.
+                    let Ok(frame) = FrameRef::parse(rec.payload) else {
                         self.stats.decode_errors += 1;
                         tracing::warn!(service = self.sub.service(), seq = rec.seq, "undecodable frame in the log");
                         break;

@@ -2,11 +2,11 @@
 //! index, and following a log that is still being written.
 
 use std::fs::File;
-use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use crate::format::{
-    index_path, le_u32, le_u64, pad, parse_segment_name, record_crc, SegmentHeader, INDEX_ENTRY_LEN, MAX_PAYLOAD,
+    index_path, le_u32, le_u64, pad, parse_segment_name, SegmentHeader, INDEX_ENTRY_LEN, MAX_PAYLOAD, RECORD_ALIGN,
     RECORD_HEADER_LEN, SEGMENT_HEADER_LEN,
 };
 use crate::Seq;
@@ -56,16 +56,33 @@ pub(crate) enum Step {
     Bad { offset: u64, reason: &'static str, incomplete: bool },
 }
 
+/// The largest read the scanner makes at once; the first read after opening or jumping is
+/// [`FIRST_READ`], and each next one doubles up to this (a seek reads little, a scan reads big).
+const MAX_READ: usize = 1 << 20;
+const FIRST_READ: usize = 16 << 10;
+
 /// Reads one segment record by record, validating length, CRC and seq continuity.
+///
+/// The file is read in large chunks into one buffer whose start is aligned to [`RECORD_ALIGN`];
+/// records start at aligned file offsets, so every payload is handed out in place, aligned for
+/// zero-copy access, without a copy per record.
 #[derive(Debug)]
 pub(crate) struct Scanner {
     pub path: PathBuf,
-    file: BufReader<File>,
+    file: File,
+    /// File offset of the next record (of `buf[lo]`).
     pub offset: u64,
     /// The seq the next record must carry.
     pub expect: Seq,
-    pub payload: Vec<u8>,
-    head: [u8; RECORD_HEADER_LEN],
+    buf: Vec<u8>,
+    /// `buf[base]` is aligned to `RECORD_ALIGN`; `buf[lo..hi]` holds file bytes not yet consumed.
+    base: usize,
+    lo: usize,
+    hi: usize,
+    /// Where the last record's payload lies in `buf`.
+    payload_at: usize,
+    payload_len: usize,
+    read_size: usize,
 }
 
 impl Scanner {
@@ -79,15 +96,26 @@ impl Scanner {
             offset: 0,
             reason: "bad segment header",
         })?;
-        let s = Scanner {
+        let mut s = Scanner {
             path: path.to_owned(),
-            file: BufReader::with_capacity(1 << 16, f),
+            file: f,
             offset: SEGMENT_HEADER_LEN as u64,
             expect: header.base_seq,
-            payload: Vec::new(),
-            head: [0; RECORD_HEADER_LEN],
+            buf: Vec::new(),
+            base: 0,
+            lo: 0,
+            hi: 0,
+            payload_at: 0,
+            payload_len: 0,
+            read_size: FIRST_READ,
         };
+        s.reserve(FIRST_READ);
         Ok((s, header))
+    }
+
+    /// The payload of the record the last [`step`](Self::step) returned.
+    pub fn payload(&self) -> &[u8] {
+        &self.buf[self.payload_at..self.payload_at + self.payload_len]
     }
 
     /// Moves to `offset`, where the record with seq `expect` starts (from the index).
@@ -95,46 +123,85 @@ impl Scanner {
         self.file.seek(SeekFrom::Start(offset)).map_err(io(&self.path))?;
         self.offset = offset;
         self.expect = expect;
+        (self.lo, self.hi) = (self.base, self.base);
+        self.payload_len = 0;
+        self.read_size = FIRST_READ;
         Ok(())
     }
 
-    /// Reads the next record into `self.payload`. On anything but a whole valid record the
-    /// position stays where it was (so a growing file can be read again later).
+    /// Makes room for `n` bytes (and for the next read) from `buf[lo]`: moves the unread bytes to
+    /// the aligned start, and grows the buffer (keeping the start aligned) when they do not fit.
+    fn reserve(&mut self, n: usize) {
+        if self.buf.len() - self.lo >= n && self.hi < self.buf.len() {
+            return;
+        }
+        let unread = self.hi - self.lo;
+        let room = n.max(self.read_size);
+        if self.buf.len() - self.base < room {
+            let mut grown = vec![0u8; room + RECORD_ALIGN];
+            let base = grown.as_ptr().align_offset(RECORD_ALIGN).min(RECORD_ALIGN);
+            grown[base..base + unread].copy_from_slice(&self.buf[self.lo..self.hi]);
+            self.buf = grown;
+            self.base = base;
+        } else {
+            self.buf.copy_within(self.lo..self.hi, self.base);
+        }
+        (self.lo, self.hi) = (self.base, self.base + unread);
+    }
+
+    /// Reads until `buf[lo..hi]` holds `n` bytes or the file ends; true when it holds them.
+    fn fill(&mut self, n: usize) -> Result<bool, WalReadError> {
+        while self.hi - self.lo < n {
+            self.reserve(n);
+            let want = self.read_size.max(n - (self.hi - self.lo)).min(self.buf.len() - self.hi);
+            let got = loop {
+                match self.file.read(&mut self.buf[self.hi..self.hi + want]) {
+                    Ok(k) => break k,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(io(&self.path)(e)),
+                }
+            };
+            if got == 0 {
+                return Ok(false);
+            }
+            self.hi += got;
+            self.read_size = (self.read_size * 2).min(MAX_READ);
+        }
+        Ok(true)
+    }
+
+    /// Reads the next record (its payload then in [`payload`](Self::payload)). On anything but a
+    /// whole valid record the position stays where it was (so a growing file can be read again
+    /// later: the bytes already read stay buffered and the file is read on from there).
     pub fn step(&mut self) -> Result<Step, WalReadError> {
         let start = self.offset;
-        let got = read_full(&mut self.file, &mut self.head).map_err(io(&self.path))?;
-        if got == 0 {
-            return Ok(Step::End);
-        }
-        let rewind = |s: &mut Scanner| s.file.seek(SeekFrom::Start(start)).map(|_| ()).map_err(io(&s.path));
-        if got < RECORD_HEADER_LEN {
-            rewind(self)?;
+        if !self.fill(RECORD_HEADER_LEN)? {
+            if self.hi == self.lo {
+                return Ok(Step::End);
+            }
             return Ok(Step::Bad { offset: start, reason: "torn record header", incomplete: true });
         }
-        let len = le_u32(&self.head, 0);
-        let crc = le_u32(&self.head, 4);
-        let seq = le_u64(&self.head, 8);
+        let head = &self.buf[self.lo..self.lo + RECORD_HEADER_LEN];
+        let (len, crc, seq) = (le_u32(head, 0), le_u32(head, 4), le_u64(head, 8));
         if len > MAX_PAYLOAD {
-            rewind(self)?;
             return Ok(Step::Bad { offset: start, reason: "impossible record length", incomplete: false });
         }
-        let padded = pad(len as usize);
-        self.payload.resize(padded, 0);
-        let got = read_full(&mut self.file, &mut self.payload).map_err(io(&self.path))?;
-        if got < padded {
-            rewind(self)?;
+        let whole = RECORD_HEADER_LEN + pad(len as usize);
+        if !self.fill(whole)? {
             return Ok(Step::Bad { offset: start, reason: "torn record", incomplete: true });
         }
-        self.payload.truncate(len as usize);
-        if record_crc(seq, &self.payload) != crc {
-            rewind(self)?;
+        let at = self.lo + RECORD_HEADER_LEN;
+        // The CRC covers the seq (LE) and the payload: the last 8 bytes of the header and what
+        // follows, one contiguous run in the buffer (`record_crc` computes the same in two parts).
+        if crc32c::crc32c(&self.buf[at - 8..at + len as usize]) != crc {
             return Ok(Step::Bad { offset: start, reason: "CRC mismatch", incomplete: false });
         }
         if seq != self.expect {
-            rewind(self)?;
             return Ok(Step::Bad { offset: start, reason: "sequence out of order", incomplete: false });
         }
-        self.offset = start + (RECORD_HEADER_LEN + padded) as u64;
+        (self.payload_at, self.payload_len) = (at, len as usize);
+        self.lo += whole;
+        self.offset = start + whole as u64;
         self.expect = seq + 1;
         Ok(Step::Record { seq, offset: start })
     }
@@ -168,7 +235,9 @@ pub(crate) fn load_index(segment: &Path) -> Vec<(Seq, u64)> {
     v
 }
 
-/// One record as read: its seq and payload (valid until the next read).
+/// One record as read: its seq and payload (valid until the next read). The payload lies in the
+/// reader's buffer at an address aligned to [`RECORD_ALIGN`], so a frame can be validated and read
+/// in place.
 #[derive(Debug, Clone, Copy)]
 pub struct RecordRef<'a> {
     pub seq: Seq,
@@ -273,7 +342,7 @@ impl WalReader {
             match sc.step()? {
                 Step::Record { seq, .. } if seq < self.skip_below => continue,
                 Step::Record { seq, .. } => {
-                    let sc = self.scanner.as_ref().map(|s| &s.payload[..]).unwrap_or(&[]);
+                    let sc = self.scanner.as_ref().map(Scanner::payload).unwrap_or(&[]);
                     return Ok(Some(RecordRef { seq, payload: sc }));
                 }
                 Step::Bad { offset, reason, incomplete: false } => {
@@ -315,7 +384,7 @@ impl WalReader {
                                 if seq < self.skip_below {
                                     continue;
                                 }
-                                let payload = self.scanner.as_ref().map(|s| &s.payload[..]).unwrap_or(&[]);
+                                let payload = self.scanner.as_ref().map(Scanner::payload).unwrap_or(&[]);
                                 return Ok(Some(RecordRef { seq, payload }));
                             }
                             return Err(WalReadError::Corrupt { path, offset, reason: "segment ends early" });

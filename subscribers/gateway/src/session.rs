@@ -527,7 +527,6 @@ fn catch_up(
         send(Chunk::Notice(format!("fromSeq: cannot seek the write-ahead log: {e}")));
         return;
     }
-    let mut buf = rkyv::util::AlignedVec::<16>::new();
     let mut batch = VecDeque::with_capacity(CATCH_UP_CHUNK);
     let mut last = from.saturating_sub(1);
     let mut waited_since: Option<Instant> = None;
@@ -542,9 +541,7 @@ fn catch_up(
                     break;
                 }
                 last = rec.seq;
-                buf.clear();
-                buf.extend_from_slice(rec.payload);
-                let Ok(frame) = FrameRef::parse(&buf) else { continue };
+                let Ok(frame) = FrameRef::parse(rec.payload) else { continue };
                 let Some(key) = frame_key(&frame) else { continue };
                 if !keys.contains(&key) {
                     continue;
