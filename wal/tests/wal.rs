@@ -244,7 +244,7 @@ fn payloads_come_aligned_and_whole_across_read_chunks_of_any_size() {
     let mut r = WalReader::open(&dir.0).unwrap();
     let mut n = 0;
     while let Some(rec) = r.next_record().unwrap() {
-        assert_eq!(rec.payload.as_ptr() as usize % mdbus_wal::RECORD_ALIGN, 0, "seq {} unaligned", rec.seq);
+        assert!((rec.payload.as_ptr() as usize).is_multiple_of(mdbus_wal::RECORD_ALIGN), "seq {} unaligned", rec.seq);
         assert!(rec.payload == body(n).as_slice(), "seq {} differs", rec.seq);
         n += 1;
     }
@@ -253,7 +253,10 @@ fn payloads_come_aligned_and_whole_across_read_chunks_of_any_size() {
     r.seek(250).unwrap();
     for i in 249..sizes.len() {
         let rec = r.next_record().unwrap().unwrap();
-        assert!(rec.payload == body(i).as_slice() && rec.payload.as_ptr() as usize % mdbus_wal::RECORD_ALIGN == 0);
+        assert!(
+            rec.payload == body(i).as_slice()
+                && (rec.payload.as_ptr() as usize).is_multiple_of(mdbus_wal::RECORD_ALIGN)
+        );
     }
 }
 
