@@ -71,8 +71,8 @@ pub struct BrokerConfig {
     pub wal: Option<WalSettings>,
     /// The delayed snapshot stream for durable consumers (`None`: not published).
     pub snapshots: Option<SnapshotSettings>,
-    /// Start from durable state (a restart with a database): see [`RestoreState`].
-    pub restore: Option<RestoreState>,
+    /// Start from durable state (a restart with a database): see [`RestoreFrom`].
+    pub restore: Option<RestoreFrom>,
 }
 
 /// What a restarted broker rebuilds its K-lines from: the last committed snapshot (read from the
@@ -84,6 +84,52 @@ pub struct RestoreState {
     pub committed: Option<(u64, Seq)>,
     /// The open K-lines stored with it (any `symbol_id`; matched by symbol name).
     pub open: Vec<Kline>,
+}
+
+/// Where a restarted broker's [`RestoreState`] comes from: already read, or being read on a
+/// thread of its own ([`RestoreFrom::reading`]) while the broker sets itself up — the feed, the
+/// engine, the log, the bus — so a database read overlaps the start-up instead of preceding it.
+#[derive(Debug, Clone)]
+pub enum RestoreFrom {
+    Ready(RestoreState),
+    Reading(PendingRestore),
+}
+
+type RestoreResult = Result<RestoreState, String>;
+
+/// A restart state being read on another thread; [`RestoreFrom::wait`] takes it once.
+#[derive(Clone)]
+pub struct PendingRestore(Arc<std::sync::Mutex<Option<std::thread::JoinHandle<RestoreResult>>>>);
+
+impl std::fmt::Debug for PendingRestore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PendingRestore")
+    }
+}
+
+impl RestoreFrom {
+    /// Starts `read` on a thread now; the broker waits for it only where it needs the state.
+    pub fn reading(read: impl FnOnce() -> RestoreResult + Send + 'static) -> std::io::Result<RestoreFrom> {
+        let handle = std::thread::Builder::new().name("restore-read".into()).spawn(read)?;
+        Ok(RestoreFrom::Reading(PendingRestore(Arc::new(std::sync::Mutex::new(Some(handle))))))
+    }
+
+    /// The state: waits for a read still under way. A read that failed (or was already taken) is
+    /// an error: the broker must not start as if nothing had been stored.
+    pub fn wait(&self) -> Result<RestoreState, BrokerRunError> {
+        match self {
+            RestoreFrom::Ready(r) => Ok(r.clone()),
+            RestoreFrom::Reading(PendingRestore(h)) => {
+                let handle =
+                    h.lock().map_err(|_| BrokerRunError::Restore("restart state lock poisoned".into()))?.take();
+                let handle = handle.ok_or_else(|| BrokerRunError::Restore("restart state already taken".into()))?;
+                handle
+                    .join()
+                    .map_err(|_| BrokerRunError::Restore("the thread reading the restart state panicked".into()))?
+                    .map_err(BrokerRunError::Restore)
+            }
+        }
+    }
 }
 
 /// What a restore did (logged; returned for tests and benchmarks).
@@ -126,7 +172,7 @@ pub enum BrokerRunError {
     WalSink(#[from] crate::walthread::WalSinkError),
     #[error(transparent)]
     Snapshot(#[from] SnapshotStartError),
-    #[error("restoring from the WAL: {0}")]
+    #[error("restoring the state: {0}")]
     Restore(String),
     #[error("frame encoding failed at seq {0}")]
     Encode(Seq),
@@ -367,18 +413,6 @@ pub fn run(
         }
         None => None,
     };
-    let publisher_id = rand::random::<u64>();
-    let snap = match &config.snapshots {
-        Some(s) => {
-            let committed = config.restore.as_ref().and_then(|r| r.committed);
-            let start = SnapshotStart {
-                next_id: committed.map_or(1, |(id, _)| id + 1),
-                covered_seq: committed.map_or(0, |(_, seq)| seq),
-            };
-            Some(SnapshotSink::start(&config.bus, *s, start, publisher_id, Arc::clone(&control.metrics))?)
-        }
-        None => None,
-    };
     let node = BusNode::open(&config.bus, "broker")?;
     let publisher = node.publisher("realtime", config.stream)?;
     tracing::info!(
@@ -387,6 +421,21 @@ pub fn run(
         workers = engine.workers(),
         "broker publishing"
     );
+    let publisher_id = rand::random::<u64>();
+    let snap = match &config.snapshots {
+        Some(s) => Some(SnapshotSink::open(&config.bus, *s, publisher_id, Arc::clone(&control.metrics))?),
+        None => None,
+    };
+    // Everything above runs while a database read started by the caller goes on; from here on
+    // the broker needs what it read.
+    let restore_state = config.restore.as_ref().map(RestoreFrom::wait).transpose()?;
+    let snap = snap.map(|s| {
+        let committed = restore_state.as_ref().and_then(|r| r.committed);
+        s.begin(SnapshotStart {
+            next_id: committed.map_or(1, |(id, _)| id + 1),
+            covered_seq: committed.map_or(0, |(_, seq)| seq),
+        })
+    });
     let max = publisher.max_sample_bytes();
     let mut out = Batcher {
         publisher,
@@ -407,7 +456,7 @@ pub fn run(
     };
     // Trades at or before these ids (per symbol) are already in the state: a resumed source skips them.
     let mut resume = vec![(i64::MIN, None); specs.len()];
-    if let Some(r) = &config.restore {
+    if let Some(r) = &restore_state {
         let mut rec = recorder.as_mut().map(|r| (r, &mut record_last));
         let report = restore(config, r, &specs, &mut engine, &mut out, &mut resume, &mut rec)?;
         out.report.restore = Some(report);

@@ -305,6 +305,31 @@ impl std::fmt::Debug for SnapshotSink {
     }
 }
 
+/// The snapshot thread with its streams open, waiting for its start.
+pub struct SnapshotSinkOpening {
+    // Declared first, so dropped first: the thread stops waiting before the sink joins it.
+    start_tx: std::sync::mpsc::Sender<SnapshotStart>,
+    sink: SnapshotSink,
+}
+
+impl SnapshotSinkOpening {
+    /// Where the snapshot state starts (after a restart: the database's last committed snapshot).
+    pub fn begin(self, start: SnapshotStart) -> SnapshotSink {
+        let SnapshotSinkOpening { start_tx, mut sink } = self;
+        sink.metrics.snapshots.committed_seq.store(start.covered_seq, Ordering::Relaxed);
+        sink.last_marked = start.covered_seq;
+        // A thread that already stopped shows as a finished thread at the first push.
+        let _ = start_tx.send(start);
+        sink
+    }
+}
+
+impl std::fmt::Debug for SnapshotSinkOpening {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnapshotSinkOpening").finish_non_exhaustive()
+    }
+}
+
 /// Starting the snapshot thread failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotStartError {
@@ -317,19 +342,20 @@ pub enum SnapshotStartError {
 }
 
 impl SnapshotSink {
-    /// Opens the snapshot and acks streams of `bus` on a new thread.
-    pub fn start(
+    /// Opens the snapshot and acks streams of `bus` on a new thread, which then waits for
+    /// [`SnapshotSinkOpening::begin`] to say where the state starts (a restart knows that only
+    /// once the database has been read: the streams open meanwhile).
+    pub fn open(
         bus: &str,
         settings: SnapshotSettings,
-        start: SnapshotStart,
         publisher_id: u64,
         metrics: Arc<BrokerMetrics>,
-    ) -> Result<SnapshotSink, SnapshotStartError> {
+    ) -> Result<SnapshotSinkOpening, SnapshotStartError> {
         let (queue, rx) = RingBuffer::<Item>::new(1 << 16);
         let stop = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), BusError>>();
+        let (start_tx, start_rx) = std::sync::mpsc::channel::<SnapshotStart>();
         let (st, m, bus) = (Arc::clone(&stop), Arc::clone(&metrics), bus.to_string());
-        m.snapshots.committed_seq.store(start.covered_seq, Ordering::Relaxed);
         let thread = std::thread::Builder::new().name("mdbus-snapshot".into()).spawn(move || {
             let streams = match Streams::open(&bus) {
                 Ok(s) => {
@@ -341,6 +367,8 @@ impl SnapshotSink {
                     return Ok(());
                 }
             };
+            // The opening dropped without a start: nothing to do.
+            let Ok(start) = start_rx.recv() else { return Ok(()) };
             let snap = Snapshotter::new(start.next_id, start.covered_seq, settings.max_pending_closed);
             run(streams, snap, rx, &st, settings, publisher_id, &m)
         })?;
@@ -349,7 +377,8 @@ impl SnapshotSink {
             Ok(Err(e)) => return Err(e.into()),
             Err(_) => return Err(SnapshotStartError::Died),
         }
-        Ok(SnapshotSink { queue, stop, thread: Some(thread), metrics, last_marked: start.covered_seq, unmarked: false })
+        let sink = SnapshotSink { queue, stop, thread: Some(thread), metrics, last_marked: 0, unmarked: false };
+        Ok(SnapshotSinkOpening { start_tx, sink })
     }
 
     fn push(&mut self, mut item: Item) {

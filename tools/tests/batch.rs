@@ -389,3 +389,39 @@ fn past_the_memory_bound_closed_klines_reach_the_database_through_the_wal() {
     run.check();
     drop((broker, batch));
 }
+
+#[test]
+fn a_broker_whose_database_stays_unreachable_exits_with_an_error_instead_of_starting_empty() {
+    // The restart state is read on a thread of its own while the broker sets itself up; a read
+    // that never succeeds must still stop the broker (an empty start would re-close K-lines the
+    // database already holds), with the database named.
+    let tmp = TempDir::new("batch-unreachable");
+    let bus = unique_bus("bunreach");
+    let cfg = tmp.0.join("cfg.toml");
+    std::fs::write(&cfg, "[batch]\nrestore_timeout_s = 0.5\n").unwrap();
+    let url = format!("postgres://mdbus@127.0.0.1:{}/none", free_port());
+    let wal = tmp.0.join("wal");
+    let broker = Proc::spawn(
+        "broker",
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--bus",
+            &bus,
+            "broker",
+            "--source",
+            "synthetic",
+            "--symbols",
+            "3",
+            "--db",
+            &url,
+            "--wal",
+            wal.to_str().unwrap(),
+        ],
+    );
+    let (ok, log) = broker.wait(Duration::from_secs(60));
+    assert!(!ok, "the broker must fail: {log}");
+    assert!(log.contains("database unavailable at start-up; retrying"), "{log}");
+    assert!(log.contains("reading the restart state from") && log.contains(&url), "{log}");
+    assert!(!log.contains("state restored") && !log.contains("trades="), "it never ran: {log}");
+}

@@ -8,7 +8,9 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use mdbus_publisher::aggregator::LatePolicy;
-use mdbus_publisher::broker::{self, BrokerConfig, BrokerControl, ClockMode, RestoreState, SymbolsSource, WalSettings};
+use mdbus_publisher::broker::{
+    self, BrokerConfig, BrokerControl, ClockMode, RestoreFrom, RestoreState, SymbolsSource, WalSettings,
+};
 use mdbus_publisher::ingress::{Ingress, IngressPolicy};
 use mdbus_publisher::snapshot::SnapshotSettings;
 use mdbus_publisher::source::SourceConfig;
@@ -124,8 +126,9 @@ pub fn parse_symbols(s: &str) -> Result<Vec<String>> {
         return Ok(symbol_names(n));
     }
     let list: Vec<String> = s.split(',').map(|x| x.trim().to_uppercase()).filter(|x| !x.is_empty()).collect();
-    for (i, x) in list.iter().enumerate() {
-        if list[..i].contains(x) {
+    let mut seen = std::collections::HashSet::with_capacity(list.len());
+    for x in &list {
+        if !seen.insert(x.as_str()) {
             bail!("--symbols: {x} is listed twice");
         }
     }
@@ -378,7 +381,12 @@ pub fn read_restore_state(url: &DbUrl, bus: &str, timeout_s: f64) -> Result<Rest
 pub fn run(cli: &Cli, a: &BrokerArgs) -> Result<ExitCode> {
     let (mut config, live_cfg, db) = broker_config(cli, a)?;
     if let Some((url, timeout_s)) = &db {
-        config.restore = Some(read_restore_state(url, &config.bus, *timeout_s)?);
+        // Read on a thread of its own while the broker sets itself up; it waits where it needs it.
+        let (url, bus, timeout_s) = (url.clone(), config.bus.clone(), *timeout_s);
+        config.restore = Some(
+            RestoreFrom::reading(move || read_restore_state(&url, &bus, timeout_s).map_err(|e| format!("{e:#}")))
+                .context("starting the restart-state read")?,
+        );
     }
     let control = BrokerControl {
         stop: crate::signals::stop_flag()?,
