@@ -144,10 +144,13 @@ pub fn broker(o: &BenchOptions, tmp: &Path) -> Result<Vec<Row>, BenchRunError> {
     let mut agg = Aggregator::new(&feed.specs(), AggregatorConfig::default());
     let mut sink = 0u64;
     let t0 = Instant::now();
+    // As the broker's worker does at full load: a clock tick and one emission of every changed
+    // K-line per round of `MAX_UNFLUSHED` trades.
+    let round = mdbus_publisher::engine::MAX_UNFLUSHED as usize;
     for (i, t) in trades.iter().enumerate() {
         let mut emit = |k: &mdbus_schema::Kline| sink = sink.wrapping_add(k.close as u64);
         agg.on_trade(t, &mut emit);
-        if i % 64 == 0 {
+        if (i + 1) % round == 0 {
             agg.on_clock(t.time_ms(), &mut emit);
             agg.drain_updates(&mut emit);
         }

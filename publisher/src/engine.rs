@@ -8,6 +8,12 @@
 //! it keeps its place before or after the closes it caused), every closed K-line and the
 //! conflated K-line updates, worker by worker in order.
 //!
+//! Updates of open K-lines are conflated per round: a worker emits each changed K-line once when
+//! the ingest thread ends its round ([`Engine::wait_idle`] sends [`WorkerInput::FlushUpdates`]),
+//! and at the latest every [`MAX_UNFLUSHED`] inputs. A quiet market has rounds of one trade, so
+//! an update leaves at once; under load a round holds thousands of trades and each K-line they
+//! touched is sent once for all of them. Trades and closes are never held back.
+//!
 //! Symbol `g` (the broker's dense id) lives on worker `g % N` at local index `g / N`. Workers
 //! never allocate: their tables are sized up front, and when a worker's table is full the ingest
 //! thread allocates bigger storage and sends it down the queue ([`WorkerInput::Adopt`]); the worker
@@ -61,7 +67,12 @@ pub enum WorkerInput {
         g: u32,
         views: Box<[Option<Kline>; mdbus_schema::Interval::COUNT]>,
     },
+    /// The end of a round: emit every open K-line changed since the last flush (unless held).
+    FlushUpdates,
 }
+
+/// A worker emits its changed K-lines at least once per this many inputs, flushed or not.
+pub const MAX_UNFLUSHED: u32 = 4096;
 
 /// What a worker produced, in order.
 #[derive(Debug)]
@@ -273,8 +284,10 @@ impl Engine {
         n
     }
 
-    /// Waits until every worker has processed everything sent to it, draining outputs meanwhile.
+    /// Ends a round: has every worker emit its changed K-lines, then waits until every worker has
+    /// processed everything sent to it, draining outputs meanwhile.
     pub fn wait_idle(&mut self, sink: &mut impl FnMut(WorkerOutput)) {
+        self.broadcast(|| WorkerInput::FlushUpdates, sink);
         let start = Instant::now();
         loop {
             self.drain(sink);
@@ -369,6 +382,9 @@ fn run_worker(
     let mut recv_ns = 0i64;
     let local = |g: u32| g / n;
     let mut hold = false;
+    // Inputs since the changed K-lines were last emitted; a flush asked for by the current input.
+    let mut unflushed = 0u32;
+    let mut flush = false;
     loop {
         let mut batch = 0u32;
         while let Ok(msg) = input.pop() {
@@ -406,7 +422,11 @@ fn run_worker(
                 WorkerInput::RemoveSymbol(g) => {
                     agg.remove_symbol(local(g));
                 }
-                WorkerInput::HoldUpdates(h) => hold = h,
+                WorkerInput::HoldUpdates(h) => {
+                    hold = h;
+                    flush = !h;
+                }
+                WorkerInput::FlushUpdates => flush = true,
                 WorkerInput::Restore { g, views } => {
                     if !agg.restore_symbol(local(g), &views) {
                         tracing::warn!(worker = w, g, "restore for an unknown symbol ignored");
@@ -421,13 +441,16 @@ fn run_worker(
                 }
             }
             processed += 1;
-            // Conflated updates at the end of a batch (or every 256 inputs under load).
+            unflushed += 1;
+            if !hold && (flush || unflushed >= MAX_UNFLUSHED) {
+                agg.drain_updates(&mut |k| {
+                    push_out(out, WorkerOutput::Update { kline: *k, ts_event_ns, recv_ns }, shared)
+                });
+                unflushed = 0;
+            }
+            flush = false;
+            // Progress at the end of a batch (or every 256 inputs under load).
             if input.is_empty() || batch.is_multiple_of(256) {
-                if !hold {
-                    agg.drain_updates(&mut |k| {
-                        push_out(out, WorkerOutput::Update { kline: *k, ts_event_ns, recv_ns }, shared)
-                    });
-                }
                 // Counters first (never waiting for the lock), then the progress mark.
                 if let Ok(mut s) = shared.stats.try_lock() {
                     *s = agg.stats();
