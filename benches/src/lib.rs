@@ -147,8 +147,13 @@ fn spawn_peer(exe: &Path, role: &str, spec: &PeerSpec) -> Result<std::process::C
 }
 
 /// Runs one publisher and `n` subscribers (pinned to core 1 when pinning; the publisher to core
-/// 0) and returns the subscribers' reports.
-fn run_fanout(exe: &Path, spec: &PeerSpec, n: usize, pin: bool) -> Result<Vec<PeerReport>, BenchRunError> {
+/// 0) and returns the subscribers' reports and the publisher's own.
+fn run_fanout(
+    exe: &Path,
+    spec: &PeerSpec,
+    n: usize,
+    pin: bool,
+) -> Result<(Vec<PeerReport>, PeerReport), BenchRunError> {
     let what = format!("{} {:?} to {n} subscriber(s)", spec.transport.as_str(), spec.mode);
     let sub_spec = PeerSpec { core: pin.then_some(1), ..spec.clone() };
     let pub_spec = PeerSpec { core: pin.then_some(0), subscribers: n, ..spec.clone() };
@@ -168,7 +173,15 @@ fn run_fanout(exe: &Path, spec: &PeerSpec, n: usize, pin: bool) -> Result<Vec<Pe
         subs.push((sub, lines));
     }
     let mut publ = spawn_peer(exe, "pub", &pub_spec)?;
+    let pub_line = publ.stdout.take().and_then(|o| BufReader::new(o).lines().next());
     let pub_status = publ.wait().map_err(|source| BenchRunError::Spawn { what: what.clone(), source })?;
+    let pub_report: PeerReport = match pub_line {
+        Some(Ok(l)) => serde_json::from_str(&l)
+            .map_err(|e| BenchRunError::Peer { what: what.clone(), detail: format!("bad report {l:?}: {e}") })?,
+        other => {
+            return Err(BenchRunError::Peer { what, detail: format!("no publisher report ({pub_status}): {other:?}") })
+        }
+    };
     let mut reports = Vec::new();
     for (mut sub, mut lines) in subs {
         let line = lines.next();
@@ -185,13 +198,13 @@ fn run_fanout(exe: &Path, spec: &PeerSpec, n: usize, pin: bool) -> Result<Vec<Pe
                 .map_err(|e| BenchRunError::Peer { what: what.clone(), detail: format!("bad report {line:?}: {e}") })?,
         );
     }
-    Ok(reports)
+    Ok((reports, pub_report))
 }
 
 /// Runs one publisher/subscriber pair and returns the subscriber's report.
 fn run_pair(exe: &Path, spec: &PeerSpec, pin: bool) -> Result<PeerReport, BenchRunError> {
     let what = format!("{} {:?}", spec.transport.as_str(), spec.mode);
-    run_fanout(exe, spec, 1, pin)?.pop().ok_or_else(|| BenchRunError::Peer { what, detail: "no report".into() })
+    run_fanout(exe, spec, 1, pin)?.0.pop().ok_or_else(|| BenchRunError::Peer { what, detail: "no report".into() })
 }
 
 fn row(name: &str, t: Transport, r: &PeerReport) -> Row {
@@ -228,6 +241,7 @@ pub fn run_scenario(scenario: &str, o: &BenchOptions) -> Result<ScenarioReport, 
         core: None,
         subscribers: 1,
         block: false,
+        lossy: false,
     };
     let mut rows = Vec::new();
     match scenario {
@@ -298,11 +312,39 @@ pub fn run_scenario(scenario: &str, o: &BenchOptions) -> Result<ScenarioReport, 
         }
         "fanout" => {
             let count = o.count.unwrap_or(if o.quick { 500_000 } else { 5_000_000 });
+            // The broker's own settings first: the publisher never waits for a subscriber, so
+            // its rate is what fan-out costs it; each subscriber gets what it can read in time.
+            let mut lossy = Vec::new();
+            for n in [1usize, 2, 4, 8] {
+                let spec = PeerSpec { block: true, lossy: true, ..base(Transport::Mdbus, Mode::Throughput, count) };
+                let (reports, publ) = run_fanout(&o.exe, &spec, n, pin)?;
+                let received: Vec<u64> = reports.iter().map(|r| r.received).collect();
+                let (lo, hi) =
+                    (received.iter().copied().min().unwrap_or(0), received.iter().copied().max().unwrap_or(0));
+                let mut rw = Row::rate(
+                    &format!("publisher, lossy stream, {n} subscriber{}", if n == 1 { " (baseline)" } else { "s" }),
+                    "mdbus",
+                    count,
+                    std::time::Duration::from_secs_f64(publ.elapsed_s.max(1e-9)),
+                    0,
+                );
+                rw.lost = received.iter().map(|r| count - r.min(&count)).sum();
+                rw.note = format!(
+                    "each subscriber read {:.0}–{:.0} % of the frames; the rest were overwritten before it read them (its seq tracking counts them)",
+                    lo as f64 * 100.0 / count as f64,
+                    hi as f64 * 100.0 / count as f64
+                );
+                lossy.push(rw);
+            }
+            let base_rate = lossy[0].per_second.max(1.0);
+            for r in &mut lossy {
+                r.ratio_vs_baseline = r.per_second / base_rate;
+            }
             for n in [1usize, 2, 4, 8] {
                 // Subscribers sleep on the stream's wake-up event when idle: N spinning
                 // processes on one core would spend its time spinning instead of reading.
                 let spec = PeerSpec { block: true, ..base(Transport::Mdbus, Mode::Throughput, count) };
-                let reports = run_fanout(&o.exe, &spec, n, pin)?;
+                let (reports, _) = run_fanout(&o.exe, &spec, n, pin)?;
                 let slowest = reports.iter().map(|r| r.elapsed_s).fold(0.0, f64::max);
                 let fastest = reports.iter().map(|r| r.elapsed_s).fold(f64::INFINITY, f64::min);
                 let received: u64 = reports.iter().map(|r| r.received).sum();
@@ -315,6 +357,10 @@ pub fn run_scenario(scenario: &str, o: &BenchOptions) -> Result<ScenarioReport, 
                 );
                 rw.lost = reports.iter().map(|r| r.lost).sum();
                 rw.out_of_order = reports.iter().map(|r| r.out_of_order).sum();
+                rw.name = format!(
+                    "lossless stream, {n} subscriber{}: the slowest's rate",
+                    if n == 1 { " (baseline)" } else { "s" }
+                );
                 rw.note = format!(
                     "{received} frames delivered in all; per subscriber {:.2}–{:.2} M frames/s; last one done {:.0} ms after the first",
                     count as f64 / slowest.max(1e-9) / 1e6,
@@ -327,6 +373,8 @@ pub fn run_scenario(scenario: &str, o: &BenchOptions) -> Result<ScenarioReport, 
             for r in &mut rows {
                 r.ratio_vs_baseline = r.per_second / base_rate;
             }
+            lossy.append(&mut rows);
+            rows = lossy;
         }
         "broker" | "memory" | "recovery" => {
             let tmp = std::env::temp_dir().join(format!("mdbus-bench-{scenario}-{}", std::process::id()));

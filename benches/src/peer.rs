@@ -77,6 +77,10 @@ pub struct PeerSpec {
     /// mdbus subscriber: sleep on the stream's wake-up event when idle instead of spinning.
     #[serde(default)]
     pub block: bool,
+    /// mdbus, throughput mode: the broker's own stream settings (safe overflow: the publisher
+    /// never waits; a subscriber that falls behind loses the oldest samples and counts them).
+    #[serde(default)]
+    pub lossy: bool,
 }
 
 fn one() -> usize {
@@ -137,6 +141,15 @@ fn sample_kline(sym: Symbol, i: u64) -> Kline {
 /// The settings of the benchmark's own streams: lossless in throughput mode.
 pub fn bench_settings(mode: Mode) -> StreamSettings {
     StreamSettings { lossless: matches!(mode, Mode::Throughput), ..StreamSettings::default() }
+}
+
+/// The mdbus stream of `spec`: [`bench_settings`], or the default (lossy) settings with `lossy`.
+fn mdbus_settings(spec: &PeerSpec) -> StreamSettings {
+    if spec.lossy {
+        StreamSettings::default()
+    } else {
+        bench_settings(spec.mode)
+    }
 }
 
 const BENCH_STREAM: &str = "bench";
@@ -261,13 +274,15 @@ pub fn decode_hist(hex: &str) -> Option<Histogram<u64>> {
 }
 
 /// Runs the publishing side. Waits for the subscriber, sends `count` messages (seq 0..count),
-/// then the end marker.
-pub fn run_publisher(spec: &PeerSpec) -> Result<(), PeerError> {
+/// then the end marker. Returns its own report: messages sent and the time from the first send
+/// to the last.
+pub fn run_publisher(spec: &PeerSpec) -> Result<PeerReport, PeerError> {
+    let mut sent = Recorder::new(spec.mode);
     pin(spec.core);
     let mut pacer = Pacer::new(spec.mode);
     match spec.transport {
         Transport::Mdbus => {
-            let settings = bench_settings(spec.mode);
+            let settings = mdbus_settings(spec);
             let node = BusNode::open(&spec.bus, "bench-pub")?;
             let publisher = node.publisher(BENCH_STREAM, settings)?;
             let mut w = FrameWriter::with_capacity(settings.max_sample_bytes);
@@ -291,6 +306,7 @@ pub fn run_publisher(spec: &PeerSpec) -> Result<(), PeerError> {
             let batch = matches!(spec.mode, Mode::Throughput);
             let sym = Symbol::new("BTCUSDT").map_err(|e| PeerError::Other(e.to_string()))?;
             let frame = payload_len();
+            sent.stamp();
             for i in 0..spec.count {
                 pacer.wait();
                 let k = sample_kline(sym, i);
@@ -308,6 +324,8 @@ pub fn run_publisher(spec: &PeerSpec) -> Result<(), PeerError> {
                 publisher.send(w.as_bytes())?;
                 w.clear();
             }
+            sent.stamp();
+            sent.received = spec.count;
             hb.last_seq = spec.count;
             hb.feed_state = FeedState::Ended as u8;
             let _ = w.push_heartbeat(header(FrameKind::Heartbeat, 9, spec.count), &hb);
@@ -374,7 +392,7 @@ pub fn run_publisher(spec: &PeerSpec) -> Result<(), PeerError> {
             stream.shutdown(std::net::Shutdown::Write).map_err(err)?;
         }
     }
-    Ok(())
+    Ok(sent.report())
 }
 
 type RawService = iceoryx2::service::port_factory::publish_subscribe::PortFactory<ipc::Service, [u8], ()>;
@@ -412,7 +430,7 @@ pub fn run_subscriber(spec: &PeerSpec, ready: impl FnOnce()) -> Result<PeerRepor
     let timed = matches!(spec.mode, Mode::Latency { .. });
     match spec.transport {
         Transport::Mdbus => {
-            let settings = bench_settings(spec.mode);
+            let settings = mdbus_settings(spec);
             let opts = ReaderOptions::default()
                 .settings(settings)
                 .node_name("bench-sub")

@@ -59,9 +59,17 @@ pub fn figures(r: &ScenarioReport) -> Vec<Figure> {
             }
         }
         "fanout" => {
-            if let Some(eight) = find(r, "8 subscriber") {
-                out.push(fig("fanout, 8 subscribers", eight.per_second / 1e6, "M frames/s", None));
-                out.push(fig("fanout, 8 subscribers / 1", eight.ratio_vs_baseline, "×", Some((true, 0.8))));
+            if let Some(eight) = find(r, "publisher, lossy stream, 8 subscribers") {
+                out.push(fig("fanout, publisher with 8 subscribers", eight.per_second / 1e6, "M frames/s", None));
+                out.push(fig(
+                    "fanout, publisher with 8 subscribers / 1",
+                    eight.ratio_vs_baseline,
+                    "×",
+                    Some((true, 0.8)),
+                ));
+            }
+            if let Some(eight) = find(r, "lossless stream, 8 subscribers") {
+                out.push(fig("fanout lossless, slowest of 8 subscribers / 1", eight.ratio_vs_baseline, "×", None));
             }
         }
         "broker" => {

@@ -128,7 +128,10 @@ pub fn run(_cli: &Cli, a: &BenchArgs) -> Result<ExitCode> {
 pub fn peer(_cli: &Cli, a: &PeerArgs) -> Result<ExitCode> {
     let spec: PeerSpec = serde_json::from_str(&a.spec).context("parsing --spec")?;
     match a.role.as_str() {
-        "pub" => run_publisher(&spec).context("bench publisher")?,
+        "pub" => {
+            let report = run_publisher(&spec).context("bench publisher")?;
+            println!("{}", serde_json::to_string(&report)?);
+        }
         "sub" => {
             let report = run_subscriber(&spec, || {
                 println!("ready");
