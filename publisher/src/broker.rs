@@ -143,6 +143,10 @@ pub struct RestoreReport {
     pub elapsed: Duration,
 }
 
+/// Samples the publish thread may hand the WAL thread ahead of the log: enough to ride out an
+/// fsync of `interval` durability at full rate (256 × 16 KiB = 4 MiB) instead of waiting for it.
+const WAL_BUFFERS: usize = 256;
+
 /// Where and how the broker logs every published frame.
 #[derive(Debug, Clone)]
 pub struct WalSettings {
@@ -409,7 +413,7 @@ pub fn run(
             tracing::info!(dir = %w.dir.display(), segments = report.segments, next_seq, "wal open");
             let acked_floor = config.snapshots.is_some();
             let m = Arc::clone(&control.metrics);
-            Some(WalSink::start(wal, 64, config.stream.max_sample_bytes, w.retention, acked_floor, m)?)
+            Some(WalSink::start(wal, WAL_BUFFERS, config.stream.max_sample_bytes, w.retention, acked_floor, m)?)
         }
         None => None,
     };

@@ -44,6 +44,9 @@ pub enum WalSinkError {
     Frame(mdbus_schema::FrameDecodeError),
 }
 
+/// At most this many samples per commit (a commit also hands their buffers back).
+const COMMIT_EVERY: usize = 32;
+
 /// Starting the WAL thread failed.
 #[derive(Debug, thiserror::Error)]
 #[error("starting the wal thread: {0}")]
@@ -70,47 +73,56 @@ impl WalSink {
         let thread = std::thread::Builder::new().name("mdbus-wal".into()).spawn(move || {
             let mut appended = 0u64;
             let mut last_retention = Instant::now();
+            // Buffers appended since the last commit: every sample waiting is appended, then one
+            // commit (one write and at most one sync) covers them all.
+            let mut done: Vec<Vec<u8>> = Vec::with_capacity(buffers);
             loop {
-                match from_publisher.pop() {
-                    Ok(mut buf) => {
-                        let (mut records, mut bytes) = (0u64, 0u64);
-                        let mut last_seq = None;
-                        for frame in FrameIter::new(&buf) {
-                            let frame = frame.map_err(WalSinkError::Frame)?;
-                            if frame.kind() != FrameKind::Heartbeat {
-                                wal.append(frame.seq(), frame.raw())?;
-                                last_seq = Some(frame.seq());
-                                records += 1;
-                                bytes += frame.raw().len() as u64;
-                            }
+                let mut last_seq = None;
+                while let Ok(buf) = from_publisher.pop() {
+                    let (mut records, mut bytes) = (0u64, 0u64);
+                    for frame in FrameIter::new(&buf) {
+                        let frame = frame.map_err(WalSinkError::Frame)?;
+                        if frame.kind() != FrameKind::Heartbeat {
+                            wal.append(frame.seq(), frame.raw())?;
+                            last_seq = Some(frame.seq());
+                            records += 1;
+                            bytes += frame.raw().len() as u64;
                         }
-                        appended += records;
-                        let syncs = wal.syncs();
-                        let t0 = Instant::now();
-                        wal.commit()?;
-                        if wal.syncs() != syncs {
-                            let now = crate::broker::now_ns();
-                            metrics.wal_fsync_latency.record(t0.elapsed().as_micros() as u64, now);
-                        }
-                        let c = &metrics.wal;
-                        c.syncs.store(wal.syncs(), Ordering::Relaxed);
-                        c.records.fetch_add(records, Ordering::Relaxed);
-                        c.bytes.fetch_add(bytes, Ordering::Relaxed);
-                        c.commits.fetch_add(1, Ordering::Relaxed);
-                        if let Some(s) = last_seq {
-                            // Written to the OS: survives the process (fsync by the durability).
-                            c.logged_seq.store(s, Ordering::Release);
-                        }
+                    }
+                    appended += records;
+                    metrics.wal.records.fetch_add(records, Ordering::Relaxed);
+                    metrics.wal.bytes.fetch_add(bytes, Ordering::Relaxed);
+                    done.push(buf);
+                    if done.len() >= COMMIT_EVERY {
+                        break;
+                    }
+                }
+                if !done.is_empty() {
+                    let syncs = wal.syncs();
+                    let t0 = Instant::now();
+                    wal.commit()?;
+                    if wal.syncs() != syncs {
+                        let now = crate::broker::now_ns();
+                        metrics.wal_fsync_latency.record(t0.elapsed().as_micros() as u64, now);
+                    }
+                    let c = &metrics.wal;
+                    c.syncs.store(wal.syncs(), Ordering::Relaxed);
+                    c.commits.fetch_add(1, Ordering::Relaxed);
+                    if let Some(s) = last_seq {
+                        // Written to the OS: survives the process (fsync by the durability).
+                        c.logged_seq.store(s, Ordering::Release);
+                    }
+                    for mut buf in done.drain(..) {
                         buf.clear();
                         let _ = to_publisher.push(buf);
                     }
-                    Err(_) if st.load(Ordering::Acquire) => {
-                        wal.commit()?;
-                        metrics.wal.syncs.store(wal.syncs(), Ordering::Relaxed);
-                        metrics.wal_fsync_latency.flush(crate::broker::now_ns());
-                        return Ok(appended);
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_micros(200)),
+                } else if st.load(Ordering::Acquire) {
+                    wal.commit()?;
+                    metrics.wal.syncs.store(wal.syncs(), Ordering::Relaxed);
+                    metrics.wal_fsync_latency.flush(crate::broker::now_ns());
+                    return Ok(appended);
+                } else {
+                    std::thread::sleep(Duration::from_micros(200));
                 }
                 if last_retention.elapsed() > Duration::from_secs(10) {
                     last_retention = Instant::now();
