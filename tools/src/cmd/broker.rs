@@ -356,15 +356,27 @@ pub fn read_restore_state(url: &DbUrl, bus: &str, timeout_s: f64) -> Result<Rest
         .with_max_delay(Duration::from_secs(2))
         .without_max_times()
         .build();
-    let read = || -> Result<RestoreState, mdbus_store::StoreError> {
+    // The open rows must be those of the commit marker read with them: a writer may still commit
+    // the previous broker's last snapshot while this one reads. The marker is read before and
+    // after the rows; a commit in between (a new snapshot id) means read again.
+    let read = || -> Result<Option<RestoreState>, mdbus_store::StoreError> {
         let mut store = Store::open(url)?;
         let committed = store.committed(bus)?;
-        let open = if committed.is_some() { store.open_klines()? } else { Vec::new() };
-        Ok(RestoreState { committed: committed.map(|c| (c.snapshot_id, c.covered_seq)), open })
+        if committed.is_none() {
+            return Ok(Some(RestoreState::default()));
+        }
+        let open = store.open_klines()?;
+        if store.committed(bus)? != committed {
+            return Ok(None);
+        }
+        Ok(Some(RestoreState { committed: committed.map(|c| (c.snapshot_id, c.covered_seq)), open }))
     };
     loop {
         match read() {
-            Ok(r) => {
+            Ok(None) => {
+                tracing::info!(db = %url, "a snapshot was committed while reading the restart state; reading again")
+            }
+            Ok(Some(r)) => {
                 tracing::info!(db = %url, committed = ?r.committed, open_klines = r.open.len(), ms = t0.elapsed().as_millis() as u64, "restart state read from the database");
                 return Ok(r);
             }
