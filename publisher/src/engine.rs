@@ -543,4 +543,65 @@ mod tests {
         assert_eq!(got.len(), want.len());
         assert!(got == want, "the workers' closed K-lines differ from one aggregator's");
     }
+
+    #[test]
+    fn open_kline_updates_leave_once_per_round_and_trades_at_once() {
+        let cfg = SyntheticConfig {
+            seed: 3,
+            symbols: symbol_names(2),
+            rate: 1000.0,
+            start_us: 1_709_251_140_000_000,
+            max_trades: None,
+            steady: true,
+        };
+        let mut feed = SyntheticFeed::new(&cfg).unwrap();
+        let specs = feed.specs();
+        let config = EngineConfig { workers: 1, cores: vec![], queue_capacity: 8192, aggregator: Default::default() };
+        let mut engine = Engine::start(&config, &specs).unwrap();
+        let out = std::cell::RefCell::new(Vec::new());
+        let mut sink = |o: WorkerOutput| out.borrow_mut().push(o);
+        let updates = |out: &std::cell::RefCell<Vec<WorkerOutput>>| -> Vec<Kline> {
+            let v = out.borrow();
+            v.iter()
+                .filter_map(|o| if let WorkerOutput::Update { kline, .. } = o { Some(*kline) } else { None })
+                .collect()
+        };
+        let trades = |out: &std::cell::RefCell<Vec<WorkerOutput>>| {
+            out.borrow().iter().filter(|o| matches!(o, WorkerOutput::Trade { .. })).count()
+        };
+        // One round of 1 000 trades over two symbols: every trade comes through, and each open
+        // K-line they changed leaves once, at the end of the round, with the round's last state.
+        let mut last = [None; 2];
+        for _ in 0..1_000 {
+            let t = feed.next_trade().unwrap();
+            last[t.symbol_id as usize] = Some(t.trade_id);
+            engine.trade(t, 0, &mut sink);
+        }
+        engine.wait_idle(&mut sink);
+        assert_eq!(trades(&out), 1_000);
+        let u = updates(&out);
+        assert_eq!(u.len(), 2 * mdbus_schema::Interval::COUNT, "one update per symbol and interval");
+        for k in &u {
+            assert_eq!(Some(k.last_trade_id), last[k.symbol_id as usize], "the newest state");
+        }
+        // A round of one trade: its updates leave at the end of that round, not later.
+        out.borrow_mut().clear();
+        let t = feed.next_trade().unwrap();
+        engine.trade(t, 0, &mut sink);
+        engine.wait_idle(&mut sink);
+        let u = updates(&out);
+        assert_eq!(u.len(), mdbus_schema::Interval::COUNT);
+        assert!(u.iter().all(|k| k.last_trade_id == t.trade_id));
+        // Past MAX_UNFLUSHED inputs without a round's end, updates leave anyway.
+        out.borrow_mut().clear();
+        for _ in 0..MAX_UNFLUSHED + 10 {
+            engine.trade(feed.next_trade().unwrap(), 0, &mut sink);
+        }
+        let start = Instant::now();
+        while updates(&out).is_empty() && start.elapsed() < Duration::from_secs(10) {
+            engine.drain(&mut sink);
+        }
+        assert!(!updates(&out).is_empty(), "a long round still emits its updates");
+        engine.stop(&mut sink);
+    }
 }
