@@ -86,24 +86,17 @@ pub struct RestoreState {
     pub open: Vec<Kline>,
 }
 
-/// Where a restarted broker's [`RestoreState`] comes from: already read, or being read on a
-/// thread of its own ([`RestoreFrom::reading`]) while the broker sets itself up — the feed, the
-/// engine, the log, the bus — so a database read overlaps the start-up instead of preceding it.
-#[derive(Debug, Clone)]
-pub enum RestoreFrom {
-    Ready(RestoreState),
-    Reading(PendingRestore),
-}
+/// A restarted broker's [`RestoreState`], read on a thread of its own ([`RestoreFrom::reading`])
+/// while the broker sets itself up — the feed, the engine, the log, the bus — so a database read
+/// overlaps the start-up instead of preceding it; [`RestoreFrom::wait`] takes it once.
+#[derive(Clone)]
+pub struct RestoreFrom(Arc<std::sync::Mutex<Option<std::thread::JoinHandle<RestoreResult>>>>);
 
 type RestoreResult = Result<RestoreState, String>;
 
-/// A restart state being read on another thread; [`RestoreFrom::wait`] takes it once.
-#[derive(Clone)]
-pub struct PendingRestore(Arc<std::sync::Mutex<Option<std::thread::JoinHandle<RestoreResult>>>>);
-
-impl std::fmt::Debug for PendingRestore {
+impl std::fmt::Debug for RestoreFrom {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("PendingRestore")
+        f.write_str("RestoreFrom")
     }
 }
 
@@ -111,24 +104,18 @@ impl RestoreFrom {
     /// Starts `read` on a thread now; the broker waits for it only where it needs the state.
     pub fn reading(read: impl FnOnce() -> RestoreResult + Send + 'static) -> std::io::Result<RestoreFrom> {
         let handle = std::thread::Builder::new().name("restore-read".into()).spawn(read)?;
-        Ok(RestoreFrom::Reading(PendingRestore(Arc::new(std::sync::Mutex::new(Some(handle))))))
+        Ok(RestoreFrom(Arc::new(std::sync::Mutex::new(Some(handle)))))
     }
 
     /// The state: waits for a read still under way. A read that failed (or was already taken) is
     /// an error: the broker must not start as if nothing had been stored.
     pub fn wait(&self) -> Result<RestoreState, BrokerRunError> {
-        match self {
-            RestoreFrom::Ready(r) => Ok(r.clone()),
-            RestoreFrom::Reading(PendingRestore(h)) => {
-                let handle =
-                    h.lock().map_err(|_| BrokerRunError::Restore("restart state lock poisoned".into()))?.take();
-                let handle = handle.ok_or_else(|| BrokerRunError::Restore("restart state already taken".into()))?;
-                handle
-                    .join()
-                    .map_err(|_| BrokerRunError::Restore("the thread reading the restart state panicked".into()))?
-                    .map_err(BrokerRunError::Restore)
-            }
-        }
+        let handle = self.0.lock().map_err(|_| BrokerRunError::Restore("restart state lock poisoned".into()))?.take();
+        let handle = handle.ok_or_else(|| BrokerRunError::Restore("restart state already taken".into()))?;
+        handle
+            .join()
+            .map_err(|_| BrokerRunError::Restore("the thread reading the restart state panicked".into()))?
+            .map_err(BrokerRunError::Restore)
     }
 }
 

@@ -15,8 +15,8 @@
 use std::time::Instant;
 
 use mdbus_schema::{Interval, Kline, Symbol};
-use mdbus_store::testing::PgServer;
-use mdbus_store::{DbUrl, Store};
+use mdbus_store::testing::scratch_db;
+use mdbus_store::Store;
 
 /// Rows per `write_snapshot` while filling the database.
 const BATCH: usize = 10_000;
@@ -34,17 +34,7 @@ fn main() {
     if keep.is_none() {
         let _ = std::fs::remove_dir_all(&dir);
     }
-    let mut server = None;
-    let url: DbUrl = match target {
-        "sqlite" => DbUrl::Sqlite(dir.join("klines.db")),
-        "postgres" => {
-            let pg = PgServer::start(&dir).unwrap();
-            let url = pg.url().parse().unwrap();
-            server = Some(pg);
-            url
-        }
-        url => url.parse().unwrap(),
-    };
+    let (url, server) = scratch_db(target, &dir).unwrap();
 
     // One closed and one open K-line per symbol and interval, prices and volumes of real width.
     let t0 = 1_700_000_000_000_i64;

@@ -12,8 +12,8 @@
 use std::time::Instant;
 
 use mdbus_schema::{Interval, Kline, Symbol};
-use mdbus_store::testing::PgServer;
-use mdbus_store::{DbUrl, Store};
+use mdbus_store::testing::scratch_db;
+use mdbus_store::Store;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -22,17 +22,7 @@ fn main() {
     let batch: usize = args.get(3).map_or(10_000, |s| s.parse().unwrap());
     let dir = std::env::temp_dir().join(format!("mdbus-write-rate-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let mut server = None;
-    let url: DbUrl = match target {
-        "sqlite" => DbUrl::Sqlite(dir.join("klines.db")),
-        "postgres" => {
-            let pg = PgServer::start(&dir).unwrap();
-            let url = pg.url().parse().unwrap();
-            server = Some(pg);
-            url
-        }
-        url => url.parse().unwrap(),
-    };
+    let (url, server) = scratch_db(target, &dir).unwrap();
     let mut store = Store::open(&url).unwrap();
     let symbols: Vec<Symbol> = (0..100).map(|i| Symbol::new(&format!("SYM{i:04}USDT")).unwrap()).collect();
     let mut rows: Vec<Kline> = (0..n)

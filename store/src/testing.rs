@@ -28,6 +28,20 @@ pub struct PgServer {
     running: bool,
 }
 
+/// The database a measuring program names by `target`: `sqlite` (a file in `dir`), `postgres` (a
+/// throwaway server in `dir`, returned to be kept alive while it is used) or a URL of its own.
+pub fn scratch_db(target: &str, dir: &Path) -> Result<(crate::DbUrl, Option<PgServer>), String> {
+    match target {
+        "sqlite" => Ok((crate::DbUrl::Sqlite(dir.join("klines.db")), None)),
+        "postgres" => {
+            let pg = PgServer::start(dir)?;
+            let url = pg.url().parse().map_err(|e| format!("{e}"))?;
+            Ok((url, Some(pg)))
+        }
+        url => Ok((url.parse().map_err(|e| format!("{url}: {e}"))?, None)),
+    }
+}
+
 /// The folder with `initdb`, `pg_ctl` and `postgres`, if PostgreSQL's server is installed.
 pub fn postgres_bindir() -> Option<PathBuf> {
     let has_server = |d: &Path| d.join("initdb").is_file() && d.join("pg_ctl").is_file();
