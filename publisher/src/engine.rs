@@ -469,7 +469,8 @@ fn run_worker(
             }
             return;
         }
-        // Idle: spin ~50 µs, then park until unparked (or 1 ms, to re-check `stop`).
+        // Idle: spin ~50 µs, then park until unparked (input and `stop` both unpark; the timeout
+        // is only a safety net, so an idle worker wakes rarely).
         let since = *idle_since.get_or_insert_with(Instant::now);
         if since.elapsed() < Duration::from_micros(50) {
             std::hint::spin_loop();
@@ -478,7 +479,7 @@ fn run_worker(
         shared.parked.store(true, Ordering::SeqCst);
         std::sync::atomic::fence(Ordering::SeqCst);
         if input.is_empty() && !shared.stop.load(Ordering::SeqCst) {
-            std::thread::park_timeout(Duration::from_millis(1));
+            std::thread::park_timeout(Duration::from_millis(100));
         }
         shared.parked.store(false, Ordering::SeqCst);
     }

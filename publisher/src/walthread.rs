@@ -24,6 +24,9 @@ pub struct WalSink {
     full: Producer<Vec<u8>>,
     empty: Consumer<Vec<u8>>,
     stop: Arc<AtomicBool>,
+    /// Set by the WAL thread just before it parks on an empty queue: the publish thread then
+    /// unparks it after its next hand-over (an idle broker's log thread costs no CPU).
+    parked: Arc<AtomicBool>,
     thread: Option<JoinHandle<Result<u64, WalSinkError>>>,
 }
 
@@ -70,6 +73,8 @@ impl WalSink {
         }
         let stop = Arc::new(AtomicBool::new(false));
         let st = Arc::clone(&stop);
+        let parked = Arc::new(AtomicBool::new(false));
+        let pk = Arc::clone(&parked);
         let thread = std::thread::Builder::new().name("mdbus-wal".into()).spawn(move || {
             let mut appended = 0u64;
             let mut last_retention = Instant::now();
@@ -122,7 +127,15 @@ impl WalSink {
                     metrics.wal_fsync_latency.flush(crate::broker::now_ns());
                     return Ok(appended);
                 } else {
-                    std::thread::sleep(Duration::from_micros(200));
+                    // Idle: park until the publish thread hands over a sample (or stops us). The
+                    // fence pairs with the one in `submit`: either we see its sample here or it
+                    // sees `parked` and unparks us. The timeout only paces retention.
+                    pk.store(true, Ordering::SeqCst);
+                    std::sync::atomic::fence(Ordering::SeqCst);
+                    if from_publisher.is_empty() && !st.load(Ordering::SeqCst) {
+                        std::thread::park_timeout(Duration::from_secs(1));
+                    }
+                    pk.store(false, Ordering::SeqCst);
                 }
                 if last_retention.elapsed() > Duration::from_secs(10) {
                     last_retention = Instant::now();
@@ -138,7 +151,7 @@ impl WalSink {
                 }
             }
         })?;
-        Ok(WalSink { full, empty, stop, thread: Some(thread) })
+        Ok(WalSink { full, empty, stop, parked, thread: Some(thread) })
     }
 
     /// Hands a sent sample to the WAL thread; waits for a free buffer if all are in flight. Fails
@@ -158,7 +171,17 @@ impl WalSink {
         buf.extend_from_slice(sample);
         // Invariant: buffers circulate, so the full queue always has room for one we popped.
         let _ = self.full.push(buf);
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.parked.load(Ordering::SeqCst) {
+            self.wake();
+        }
         Ok(())
+    }
+
+    fn wake(&self) {
+        if let Some(t) = &self.thread {
+            t.thread().unpark();
+        }
     }
 
     fn join(&mut self) -> Result<u64, WalSinkError> {
@@ -171,7 +194,8 @@ impl WalSink {
 
     /// Lets the thread write what it has, commit, and stop. Returns the records appended.
     pub fn stop(mut self) -> Result<u64, WalSinkError> {
-        self.stop.store(true, Ordering::Release);
+        self.stop.store(true, Ordering::SeqCst);
+        self.wake();
         self.join()
     }
 }
@@ -179,6 +203,65 @@ impl WalSink {
 impl Drop for WalSink {
     fn drop(&mut self) {
         // Dropped on an error path: let the thread finish what it has and exit.
-        self.stop.store(true, Ordering::Release);
+        self.stop.store(true, Ordering::SeqCst);
+        self.wake();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mdbus_schema::{frame::header, FrameWriter, Symbol, Trade};
+    use mdbus_wal::{WalOptions, WalReader};
+
+    fn sample(seq: u64) -> FrameWriter {
+        let t = Trade {
+            symbol: Symbol::new("BTCUSDT").unwrap(),
+            symbol_id: 0,
+            price_scale: 2,
+            qty_scale: 3,
+            is_buyer_maker: false,
+            trade_id: seq as i64,
+            price: 100,
+            qty: 1,
+            time_us: 1,
+        };
+        let mut w = FrameWriter::with_capacity(1024);
+        w.push_trade(header(FrameKind::Trade, 1, seq), &t).unwrap();
+        w
+    }
+
+    /// The log thread parks while nothing comes; a sample handed over then must wake it (no lost
+    /// wake-up), and so must `stop`. Samples go in one at a time with pauses, so that the thread
+    /// is parked for most of the hand-overs.
+    #[test]
+    fn samples_handed_to_an_idle_log_thread_are_all_logged() {
+        let dir = std::env::temp_dir().join(format!("mdbus-walthread-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (wal, _) = Wal::open(&dir, WalOptions::default()).unwrap();
+        let metrics = Arc::new(BrokerMetrics::default());
+        let mut sink = WalSink::start(wal, 4, 1024, RetentionPolicy::default(), false, Arc::clone(&metrics)).unwrap();
+        let start = Instant::now();
+        for seq in 1..=20u64 {
+            sink.submit(sample(seq).as_bytes()).unwrap();
+            // The thread logs it (woken by the hand-over, not by its 1 s safety timeout).
+            let t0 = Instant::now();
+            while metrics.wal.logged_seq.load(Ordering::Acquire) < seq {
+                assert!(t0.elapsed() < Duration::from_secs(30), "sample {seq} never logged");
+                std::thread::yield_now();
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert_eq!(sink.stop().unwrap(), 20);
+        // A lost wake-up would leave each sample to the 1 s safety timeout: ~20 s in all. Woken
+        // properly the whole loop takes ~50 ms; the bound leaves a wide margin for a slow machine.
+        assert!(start.elapsed() < Duration::from_secs(10), "hand-overs did not wake the log thread");
+        let mut reader = WalReader::open(&dir).unwrap();
+        let mut seqs = Vec::new();
+        while let Some(r) = reader.next_record().unwrap() {
+            seqs.push(r.seq);
+        }
+        assert_eq!(seqs, (1..=20).collect::<Vec<_>>());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
