@@ -49,6 +49,10 @@ pub enum WalSinkError {
 
 /// At most this many samples per commit (a commit also hands their buffers back).
 const COMMIT_EVERY: usize = 32;
+/// Finding the queue empty within this long of its last commit, the thread naps for [`GATHER`]
+/// instead of parking: under load samples arrive every few tens of µs.
+const BUSY_FOR: Duration = Duration::from_millis(2);
+const GATHER: Duration = Duration::from_micros(200);
 
 /// Starting the WAL thread failed.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +85,7 @@ impl WalSink {
             // Buffers appended since the last commit: every sample waiting is appended, then one
             // commit (one write and at most one sync) covers them all.
             let mut done: Vec<Vec<u8>> = Vec::with_capacity(buffers);
+            let mut last_work = Instant::now();
             loop {
                 let mut last_seq = None;
                 while let Ok(buf) = from_publisher.pop() {
@@ -103,6 +108,7 @@ impl WalSink {
                     }
                 }
                 if !done.is_empty() {
+                    last_work = Instant::now();
                     let syncs = wal.syncs();
                     let t0 = Instant::now();
                     wal.commit()?;
@@ -126,6 +132,10 @@ impl WalSink {
                     metrics.wal.syncs.store(wal.syncs(), Ordering::Relaxed);
                     metrics.wal_fsync_latency.flush(crate::broker::now_ns());
                     return Ok(appended);
+                } else if last_work.elapsed() < BUSY_FOR {
+                    // Busy: let samples gather so one commit covers several (a wake-up per sample
+                    // would cost the publish thread a syscall and us a write each).
+                    std::thread::sleep(GATHER);
                 } else {
                     // Idle: park until the publish thread hands over a sample (or stops us). The
                     // fence pairs with the one in `submit`: either we see its sample here or it
