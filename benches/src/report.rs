@@ -75,6 +75,15 @@ pub fn figures(r: &ScenarioReport) -> Vec<Figure> {
         "broker" => {
             if let Some(w) = find(r, "WAL on") {
                 out.push(fig("broker end to end, WAL on", w.per_second / 1e6, "M trades/s", Some((true, 3.0))));
+                if let Some(c) = find(r, "disk ceiling") {
+                    out.push(fig(
+                        "disk ceiling for that log (same bytes, same syncs)",
+                        c.per_second / 1e6,
+                        "M trades/s",
+                        None,
+                    ));
+                    out.push(fig("broker WAL on / disk ceiling", w.per_second / c.per_second.max(1e-9), "×", None));
+                }
             }
         }
         "wal" => {

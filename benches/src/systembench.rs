@@ -180,6 +180,31 @@ pub fn broker(o: &BenchOptions, tmp: &Path) -> Result<Vec<Row>, BenchRunError> {
         );
         rows.push(row);
     }
+    // The disk's ceiling for this log: the bytes the broker logged per trade, written plainly in
+    // the WAL thread's commit size with the same syncs (every 10 ms).
+    let log_bytes: u64 = std::fs::read_dir(&wal_dir)
+        .map_err(|e| err("wal dir", e))?
+        .filter_map(|e| e.ok()?.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    let per_trade = log_bytes as f64 / n.max(1) as f64;
+    let _ = std::fs::remove_dir_all(&wal_dir);
+    let raw_path = tmp.join("raw-log");
+    let mut f = std::fs::File::create(&raw_path).map_err(|e| err("raw write", e))?;
+    let chunk = vec![0x5au8; 256 << 10];
+    let interval = mdbus_wal::Durability::Interval(Duration::from_millis(10));
+    let took = crate::walbench::raw_write(&mut f, &chunk, (log_bytes as usize).div_ceil(chunk.len()), interval)
+        .map_err(|e| err("raw write", e))?;
+    drop(f);
+    let _ = std::fs::remove_file(&raw_path);
+    let mut ceiling = Row::rate("disk ceiling: same log bytes, plain write (baseline)", "raw", n, took, log_bytes);
+    ceiling.note = format!("{per_trade:.0} B of log per trade, written in 256 KiB writes with a sync every 10 ms");
+    if let Some(on) = rows.iter_mut().find(|r| r.name.contains("WAL on")) {
+        on.note
+            .push_str(&format!("; {:.0} % of the disk ceiling", 100.0 * on.per_second / ceiling.per_second.max(1e-9)));
+    }
+    rows.push(ceiling);
+
     let base = rows[0].per_second.max(1e-9);
     for r in &mut rows {
         r.ratio_vs_baseline = r.per_second / base;

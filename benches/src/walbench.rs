@@ -40,6 +40,31 @@ fn row(name: &str, kind: &str, n: u64, elapsed: Duration, bytes: u64) -> Row {
     Row::rate(name, kind, n, elapsed, bytes)
 }
 
+/// Writes `batch` to `f` `batches` times, syncing as `durability` says (after a batch, as the log
+/// commits): the plain sequential write a log is measured against. Returns how long it took.
+pub(crate) fn raw_write(
+    f: &mut File,
+    batch: &[u8],
+    batches: usize,
+    durability: Durability,
+) -> std::io::Result<Duration> {
+    let start = Instant::now();
+    let mut last_sync = Instant::now();
+    for _ in 0..batches {
+        f.write_all(batch)?;
+        let sync = match durability {
+            Durability::None => false,
+            Durability::EveryBatch => true,
+            Durability::Interval(d) => last_sync.elapsed() >= d,
+        };
+        if sync {
+            f.sync_data()?;
+            last_sync = Instant::now();
+        }
+    }
+    Ok(start.elapsed())
+}
+
 /// Runs the WAL scenario in `tmp` (removed afterwards).
 pub fn run(o: &BenchOptions, tmp: &Path) -> Result<Vec<Row>, BenchRunError> {
     let n: u64 = o.count.unwrap_or(if o.quick { 200_000 } else { 2_000_000 });
@@ -62,22 +87,9 @@ pub fn run(o: &BenchOptions, tmp: &Path) -> Result<Vec<Row>, BenchRunError> {
                 r
             })
             .collect();
-        let start = Instant::now();
-        let mut last_sync = Instant::now();
-        for _ in 0..(n as usize).div_ceil(BATCH) {
-            f.write_all(&batch_bytes).map_err(err("raw write"))?;
-            let sync = match durability {
-                Durability::None => false,
-                Durability::EveryBatch => true,
-                Durability::Interval(d) => last_sync.elapsed() >= d,
-            };
-            if sync {
-                f.sync_data().map_err(err("raw write"))?;
-                last_sync = Instant::now();
-            }
-        }
-        let raw =
-            row(&format!("raw sequential write, sync {name} (baseline)"), "raw", n, start.elapsed(), record_bytes);
+        let took =
+            raw_write(&mut f, &batch_bytes, (n as usize).div_ceil(BATCH), durability).map_err(err("raw write"))?;
+        let raw = row(&format!("raw sequential write, sync {name} (baseline)"), "raw", n, took, record_bytes);
         drop(f);
         let _ = std::fs::remove_file(&raw_path);
 
