@@ -4,6 +4,9 @@
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::format::{
@@ -86,6 +89,77 @@ pub enum WalAppendError {
     TooLarge(usize),
 }
 
+/// Data syncs of the `interval` policy, on a thread of their own: the appending thread goes on
+/// writing while the disk catches up (at most one sync in flight; each covers everything written
+/// before it started). A failed sync is reported by the next commit.
+#[derive(Debug)]
+struct Syncer {
+    requests: Option<mpsc::Sender<Arc<File>>>,
+    state: Arc<SyncState>,
+    thread: Option<JoinHandle<()>>,
+}
+
+#[derive(Debug, Default)]
+struct SyncState {
+    busy: AtomicBool,
+    done: AtomicU64,
+    last_micros: AtomicU64,
+    error: Mutex<Option<std::io::Error>>,
+}
+
+impl Syncer {
+    fn start() -> std::io::Result<Syncer> {
+        let (requests, rx) = mpsc::channel::<Arc<File>>();
+        let state = Arc::new(SyncState::default());
+        let st = Arc::clone(&state);
+        let thread = std::thread::Builder::new().name("mdbus-wal-sync".into()).spawn(move || {
+            for file in rx {
+                let t0 = Instant::now();
+                let r = file.sync_data();
+                st.last_micros.store(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+                match r {
+                    Ok(()) => {
+                        st.done.fetch_add(1, Ordering::Release);
+                    }
+                    Err(e) => {
+                        if let Ok(mut slot) = st.error.lock() {
+                            slot.get_or_insert(e);
+                        }
+                    }
+                }
+                st.busy.store(false, Ordering::Release);
+            }
+        })?;
+        Ok(Syncer { requests: Some(requests), state, thread: Some(thread) })
+    }
+
+    /// Starts a sync of `file` unless one is still running; false if it did not start.
+    fn request(&self, file: &Arc<File>) -> bool {
+        if self.state.busy.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        let sent = self.requests.as_ref().is_some_and(|tx| tx.send(Arc::clone(file)).is_ok());
+        if !sent {
+            self.state.busy.store(false, Ordering::Release);
+        }
+        sent
+    }
+
+    fn take_error(&self) -> Option<std::io::Error> {
+        self.state.error.lock().ok()?.take()
+    }
+}
+
+impl Drop for Syncer {
+    fn drop(&mut self) {
+        // The sync in flight finishes; then the thread sees the channel closed.
+        self.requests.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// The appending end of a log directory (one writer per directory).
 #[derive(Debug)]
 pub struct Wal {
@@ -93,13 +167,17 @@ pub struct Wal {
     options: WalOptions,
     path: PathBuf,
     file: BufWriter<File>,
+    /// The segment file again (the same open file), for the background syncs.
+    sync_file: Arc<File>,
+    syncer: Option<Syncer>,
+    /// Data syncs done inline (every-batch policy, segment rolls); the syncer counts its own.
+    inline_syncs: u64,
+    last_sync_micros: u64,
     index: BufWriter<File>,
     segment_len: u64,
     records_in_segment: u64,
     next_seq: Option<Seq>,
     last_sync: Instant,
-    /// Data syncs done so far (commit per the durability policy and segment rolls).
-    syncs: u64,
     unsynced: bool,
 }
 
@@ -145,7 +223,8 @@ impl Wal {
         }
         let Some((base, path)) = segments.last().cloned() else {
             let (path, file, idx) = create_segment(dir, 1, options.stream_id).map_err(open_err(dir))?;
-            let wal = Wal::with_files(dir, options, path, file, idx, SEGMENT_HEADER_LEN as u64, 0, None);
+            let wal = Wal::with_files(dir, options, path, file, idx, SEGMENT_HEADER_LEN as u64, 0, None)
+                .map_err(open_err(dir))?;
             return Ok((wal, RecoveryReport { last_seq: None, segments: 1, truncated: None }));
         };
         // Read the newest segment through, rebuilding its index.
@@ -193,7 +272,8 @@ impl Wal {
         let last = sc.expect.checked_sub(1).filter(|&s| s >= 1);
         let last = if records == 0 && base > 1 { Some(base - 1) } else { last };
         let n = segments.len();
-        let wal = Wal::with_files(dir, options, path, file, idx, end, records, last);
+        let wal =
+            Wal::with_files(dir, options, path.clone(), file, idx, end, records, last).map_err(open_err(&path))?;
         Ok((wal, RecoveryReport { last_seq: last, segments: n, truncated }))
     }
 
@@ -207,20 +287,27 @@ impl Wal {
         segment_len: u64,
         records: u64,
         last: Option<Seq>,
-    ) -> Wal {
-        Wal {
+    ) -> std::io::Result<Wal> {
+        let syncer = match options.durability {
+            Durability::Interval(_) => Some(Syncer::start()?),
+            Durability::None | Durability::EveryBatch => None,
+        };
+        Ok(Wal {
             dir: dir.to_owned(),
             options,
             path,
+            sync_file: Arc::new(file.try_clone()?),
+            syncer,
+            inline_syncs: 0,
+            last_sync_micros: 0,
             file: BufWriter::with_capacity(1 << 16, file),
             index: BufWriter::with_capacity(4096, idx),
             segment_len,
             records_in_segment: records,
             next_seq: last.map(|s| s + 1),
             last_sync: Instant::now(),
-            syncs: 0,
             unsynced: false,
-        }
+        })
     }
 
     /// The seq the next record must carry (`None` for an empty log: any seq may start it).
@@ -263,20 +350,39 @@ impl Wal {
 
     /// Ends a batch: writes the buffered records to the file and syncs them per the policy.
     pub fn commit(&mut self) -> Result<(), WalAppendError> {
-        let e = append_err(&self.path);
-        self.file.flush().map_err(&e)?;
-        self.index.flush().map_err(&e)?;
-        let sync = match self.options.durability {
-            Durability::None => false,
-            Durability::EveryBatch => true,
-            Durability::Interval(d) => self.last_sync.elapsed() >= d,
-        };
-        if sync && self.unsynced {
-            self.file.get_ref().sync_data().map_err(&e)?;
-            self.last_sync = Instant::now();
-            self.unsynced = false;
-            self.syncs += 1;
+        let io = |path: &Path, source| WalAppendError::Io { path: path.to_owned(), source };
+        self.file.flush().map_err(|s| io(&self.path, s))?;
+        self.index.flush().map_err(|s| io(&self.path, s))?;
+        match self.options.durability {
+            Durability::None => {}
+            Durability::Interval(d) if self.syncer.is_some() => {
+                // Invariant: the guard just checked it.
+                let syncer = self.syncer.as_ref().unwrap_or_else(|| unreachable!());
+                if let Some(source) = syncer.take_error() {
+                    return Err(io(&self.path, source));
+                }
+                // Due and none running: start one in the background and go on writing.
+                if self.unsynced && self.last_sync.elapsed() >= d && syncer.request(&self.sync_file) {
+                    self.last_sync = Instant::now();
+                    self.unsynced = false;
+                }
+            }
+            Durability::EveryBatch | Durability::Interval(_) => {
+                if self.unsynced {
+                    self.sync_inline().map_err(|s| io(&self.path, s))?;
+                }
+            }
         }
+        Ok(())
+    }
+
+    fn sync_inline(&mut self) -> std::io::Result<()> {
+        let t0 = Instant::now();
+        self.file.get_ref().sync_data()?;
+        self.last_sync_micros = t0.elapsed().as_micros() as u64;
+        self.last_sync = Instant::now();
+        self.unsynced = false;
+        self.inline_syncs += 1;
         Ok(())
     }
 
@@ -296,6 +402,7 @@ impl Wal {
             let _ = std::fs::remove_file(&old);
         }
         self.path = path;
+        self.sync_file = Arc::new(file.try_clone().map_err(append_err(&self.path))?);
         self.file = BufWriter::with_capacity(1 << 16, file);
         self.index = BufWriter::with_capacity(4096, idx);
         self.segment_len = SEGMENT_HEADER_LEN as u64;
@@ -337,9 +444,18 @@ impl Wal {
         Ok(deleted)
     }
 
-    /// Data syncs done so far (for the fsync metrics).
+    /// Data syncs done so far (for the fsync metrics): those finished in the background and
+    /// those done inline.
     pub fn syncs(&self) -> u64 {
-        self.syncs
+        self.inline_syncs + self.syncer.as_ref().map_or(0, |s| s.state.done.load(Ordering::Acquire))
+    }
+
+    /// How long the last finished data sync took, µs.
+    pub fn last_sync_micros(&self) -> u64 {
+        match &self.syncer {
+            Some(s) if s.state.done.load(Ordering::Acquire) > 0 => s.state.last_micros.load(Ordering::Relaxed),
+            _ => self.last_sync_micros,
+        }
     }
 
     pub fn dir(&self) -> &Path {

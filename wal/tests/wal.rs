@@ -372,3 +372,42 @@ mod garbage {
         }
     }
 }
+
+/// `interval` syncs run in the background (at most one at a time, started by a commit once the
+/// interval has passed), `every-batch` syncs inline at every commit, `none` never; segment rolls
+/// go on under background syncs, and everything committed reads back.
+#[test]
+fn each_durability_policy_syncs_as_it_says() {
+    let commits = |durability: Durability, segment_bytes: u64, until: &dyn Fn(&Wal, u64) -> bool| {
+        let d = Dir::new("sync");
+        let (mut wal, _) = Wal::open(&d.0, WalOptions { stream_id: 1, segment_bytes, durability }).unwrap();
+        let (mut seq, mut n) = (1u64, 0u64);
+        let start = std::time::Instant::now();
+        while !until(&wal, n) {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "{durability:?}: {} syncs after {n} commits",
+                wal.syncs()
+            );
+            for _ in 0..10 {
+                wal.append(seq, &payload(seq)).unwrap();
+                seq += 1;
+            }
+            wal.commit().unwrap();
+            n += 1;
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let syncs = wal.syncs();
+        drop(wal);
+        assert_eq!(read_all(&d.0).len() as u64, seq - 1);
+        (syncs, n)
+    };
+    // Background: syncs keep happening while commits go on, across segment rolls.
+    let (syncs, _) = commits(Durability::Interval(Duration::from_millis(1)), 4096, &|w, _| w.syncs() >= 5);
+    assert!(syncs >= 5);
+    // Inline: one per commit that wrote something.
+    let (syncs, n) = commits(Durability::EveryBatch, 1 << 20, &|_, n| n >= 5);
+    assert_eq!(syncs, n);
+    let (syncs, _) = commits(Durability::None, 1 << 20, &|_, n| n >= 5);
+    assert_eq!(syncs, 0);
+}
