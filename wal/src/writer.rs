@@ -166,9 +166,8 @@ pub struct Wal {
     dir: PathBuf,
     options: WalOptions,
     path: PathBuf,
-    file: BufWriter<File>,
-    /// The segment file again (the same open file), for the background syncs.
-    sync_file: Arc<File>,
+    /// Shared with the background syncs (`interval`), which sync the same open file.
+    file: BufWriter<Arc<File>>,
     syncer: Option<Syncer>,
     /// Data syncs done inline (every-batch policy, segment rolls); the syncer counts its own.
     inline_syncs: u64,
@@ -296,11 +295,10 @@ impl Wal {
             dir: dir.to_owned(),
             options,
             path,
-            sync_file: Arc::new(file.try_clone()?),
             syncer,
             inline_syncs: 0,
             last_sync_micros: 0,
-            file: BufWriter::with_capacity(1 << 16, file),
+            file: BufWriter::with_capacity(1 << 16, Arc::new(file)),
             index: BufWriter::with_capacity(4096, idx),
             segment_len,
             records_in_segment: records,
@@ -353,21 +351,20 @@ impl Wal {
         let io = |path: &Path, source| WalAppendError::Io { path: path.to_owned(), source };
         self.file.flush().map_err(|s| io(&self.path, s))?;
         self.index.flush().map_err(|s| io(&self.path, s))?;
-        match self.options.durability {
-            Durability::None => {}
-            Durability::Interval(d) if self.syncer.is_some() => {
-                // Invariant: the guard just checked it.
-                let syncer = self.syncer.as_ref().unwrap_or_else(|| unreachable!());
+        match (&self.syncer, self.options.durability) {
+            (_, Durability::None) => {}
+            (Some(syncer), Durability::Interval(d)) => {
                 if let Some(source) = syncer.take_error() {
                     return Err(io(&self.path, source));
                 }
                 // Due and none running: start one in the background and go on writing.
-                if self.unsynced && self.last_sync.elapsed() >= d && syncer.request(&self.sync_file) {
+                if self.unsynced && self.last_sync.elapsed() >= d && syncer.request(self.file.get_ref()) {
                     self.last_sync = Instant::now();
                     self.unsynced = false;
                 }
             }
-            Durability::EveryBatch | Durability::Interval(_) => {
+            // Every batch (an `interval` log always has its syncer).
+            _ => {
                 if self.unsynced {
                     self.sync_inline().map_err(|s| io(&self.path, s))?;
                 }
@@ -402,8 +399,7 @@ impl Wal {
             let _ = std::fs::remove_file(&old);
         }
         self.path = path;
-        self.sync_file = Arc::new(file.try_clone().map_err(append_err(&self.path))?);
-        self.file = BufWriter::with_capacity(1 << 16, file);
+        self.file = BufWriter::with_capacity(1 << 16, Arc::new(file));
         self.index = BufWriter::with_capacity(4096, idx);
         self.segment_len = SEGMENT_HEADER_LEN as u64;
         self.records_in_segment = 0;
