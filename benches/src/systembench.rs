@@ -81,7 +81,7 @@ fn run_to_end(
         if let Ok(Some(status)) = child.try_wait() {
             break Err(err(tag, format!("the broker exited: {status}")));
         }
-        if let Err(e) = reader.next_batch(WaitMode::Spin(Duration::from_millis(50)), |f| {
+        if let Err(e) = reader.next_batch(WaitMode::Block(Duration::from_millis(50)), |f| {
             match f.kind() {
                 FrameKind::Trade => trades += 1,
                 FrameKind::Kline => klines += 1,
