@@ -49,17 +49,17 @@ impl Symbol {
 
     /// Validates raw bytes read from the wire.
     pub fn from_wire(bytes: &[u8; SYMBOL_MAX_LEN]) -> Result<Symbol, SymbolError> {
-        let len = bytes.iter().position(|&b| b == 0).unwrap_or(SYMBOL_MAX_LEN);
-        if len == 0 {
+        if bytes[0] == 0 {
             return Err(SymbolError::Empty);
         }
-        for (i, &c) in bytes.iter().enumerate() {
-            let ok = if i < len { c.is_ascii_uppercase() || c.is_ascii_digit() } else { c == 0 };
-            if !ok {
-                return Err(SymbolError::InvalidByte(i));
-            }
+        if wire_name_ok(bytes) {
+            return Ok(Symbol { bytes: *bytes });
         }
-        Ok(Symbol { bytes: *bytes })
+        // The slow path, only to name the first bad byte.
+        let len = bytes.iter().position(|&b| b == 0).unwrap_or(SYMBOL_MAX_LEN);
+        let bad =
+            bytes.iter().enumerate().position(|(i, &c)| if i < len { !name_byte(c) } else { c != 0 }).unwrap_or(0);
+        Err(SymbolError::InvalidByte(bad))
     }
 
     pub fn as_str(&self) -> &str {
@@ -71,6 +71,46 @@ impl Symbol {
     pub fn as_bytes(&self) -> &[u8; SYMBOL_MAX_LEN] {
         &self.bytes
     }
+}
+
+fn name_byte(c: u8) -> bool {
+    c.is_ascii_uppercase() || c.is_ascii_digit()
+}
+
+/// Whether `bytes` is a name of `A-Z0-9` followed by zero padding only, eight bytes at a time
+/// (every reader checks the symbol of every trade and K-line frame it reads). Per byte `b` of a
+/// little-endian word, the `0x80` bit of each mask below says one thing; the additions cannot
+/// carry into the next byte because every byte is first checked to be below `0x80`.
+fn wire_name_ok(bytes: &[u8; SYMBOL_MAX_LEN]) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = ONES * 0x80;
+    const LOW7: u64 = ONES * 0x7f;
+    // `b >= lo` and `b > hi` for all bytes at once (b < 0x80).
+    let at_least = |w: u64, lo: u8| w.wrapping_add(ONES * u64::from(0x80 - lo)) & HIGH;
+    let above = |w: u64, hi: u8| w.wrapping_add(ONES * u64::from(0x7f - hi)) & HIGH;
+    let mut previous_full = true;
+    for chunk in bytes.chunks_exact(8) {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let w = u64::from_le_bytes(word);
+        if w & HIGH != 0 {
+            return false;
+        }
+        let nonzero = ((w & LOW7).wrapping_add(LOW7) | w) & HIGH;
+        let upper = at_least(w, b'A') & !above(w, b'Z');
+        let digit = at_least(w, b'0') & !above(w, b'9');
+        if nonzero & !(upper | digit) != 0 {
+            return false;
+        }
+        // The name's bytes must be a prefix: 0xff in every nonzero byte, then only zero bytes,
+        // and a word may hold name bytes only if the one before was all name.
+        let filled = (nonzero >> 7) * 0xff;
+        if filled & filled.wrapping_add(1) != 0 || (filled != 0 && !previous_full) {
+            return false;
+        }
+        previous_full = filled == u64::MAX;
+    }
+    true
 }
 
 impl ArchivedSymbol {
@@ -115,6 +155,28 @@ mod tests {
         assert_eq!(Symbol::new("BTC-USDT"), Err(SymbolError::InvalidByte(3)));
         assert_eq!(Symbol::new(&"A".repeat(25)), Err(SymbolError::TooLong));
         assert_eq!(Symbol::new(&"A".repeat(24)).unwrap().as_str().len(), 24);
+    }
+
+    #[test]
+    fn wire_check_agrees_with_a_byte_by_byte_reading() {
+        // The reference: a name of A-Z0-9, then zeros only.
+        fn reference(b: &[u8; SYMBOL_MAX_LEN]) -> bool {
+            let len = b.iter().position(|&c| c == 0).unwrap_or(SYMBOL_MAX_LEN);
+            len > 0 && b[..len].iter().all(|&c| name_byte(c)) && b[len..].iter().all(|&c| c == 0)
+        }
+        let mut cases = 0;
+        for name in ["A", "BTCUSDT", "ETH1000USDT", &"Z".repeat(8), &"Q9".repeat(8), &"A".repeat(24)] {
+            let base = *Symbol::new(name).unwrap().as_bytes();
+            for at in 0..SYMBOL_MAX_LEN {
+                for v in 0..=255u8 {
+                    let mut b = base;
+                    b[at] = v;
+                    assert_eq!(Symbol::from_wire(&b).is_ok(), reference(&b), "{name} with byte {at} = {v:#x}");
+                    cases += 1;
+                }
+            }
+        }
+        assert_eq!(cases, 6 * 24 * 256);
     }
 
     #[test]
