@@ -63,7 +63,8 @@ pub struct BrokerConfig {
     pub wait_subscribers: usize,
     /// Core of the ingest/publish thread.
     pub core: Option<usize>,
-    /// Aggregation workers (symbols are partitioned across them).
+    /// Aggregation workers (symbols are partitioned across them); 0: inline, on the
+    /// ingest/publish thread.
     pub workers: usize,
     /// Cores for the workers (worker i on `worker_cores[i % len]`); empty: unpinned.
     pub worker_cores: Vec<usize>,
@@ -373,6 +374,9 @@ pub fn run(
             snapshots: false,
         },
     };
+    if config.workers == 0 && !config.worker_cores.is_empty() {
+        tracing::warn!(cores = ?config.worker_cores, "worker cores ignored: with 0 workers the ingest/publish thread aggregates");
+    }
     let mut engine = Engine::start(&engine_config, &specs)?;
     // After the workers exist: a thread pinned first would hand its one-core mask to them, and
     // they could not be pinned elsewhere.

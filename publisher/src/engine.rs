@@ -100,6 +100,7 @@ pub enum WorkerOutput {
 /// Engine settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EngineConfig {
+    /// Worker threads; 0: aggregate inline on the calling (ingest/publish) thread.
     pub workers: usize,
     /// Core per worker (`cores[i % len]`); empty: unpinned.
     pub cores: Vec<usize>,
@@ -126,9 +127,17 @@ struct WorkerHandle {
     capacity: usize,
 }
 
-/// The running workers.
+/// Inline aggregation: the one partition, run on the caller's thread.
+struct InlineLane {
+    lane: Lane,
+    symbols: usize,
+    capacity: usize,
+}
+
+/// The running workers, or the inline partition.
 pub struct Engine {
     workers: Vec<WorkerHandle>,
+    inline: Option<Box<InlineLane>>,
     snapshots: bool,
 }
 
@@ -156,12 +165,12 @@ fn pin(core: usize, worker: usize) {
 }
 
 impl Engine {
-    /// Starts `config.workers` workers for `specs` (global ids 0..n in order).
+    /// Starts `config.workers` workers for `specs` (global ids 0..n in order), or with 0 workers
+    /// an engine that aggregates inline, on the thread that feeds it: no hand-off between threads
+    /// (the cheapest where cores are few), outputs handed to the sink as they are made.
     pub fn start(config: &EngineConfig, specs: &[SymbolSpec]) -> Result<Engine, EngineStartError> {
         let n = config.workers.max(1);
-        // Built as we go: if a spawn fails, dropping `engine` stops the workers already started.
-        let mut engine = Engine { workers: Vec::with_capacity(n), snapshots: config.aggregator.snapshots };
-        for w in 0..n {
+        let partition = |w: usize| {
             let mine: Vec<SymbolSpec> = specs.iter().enumerate().filter(|(g, _)| g % n == w).map(|(_, s)| *s).collect();
             let capacity = (mine.len() * 2).max(64);
             let mut agg = Aggregator::with_storage(
@@ -172,6 +181,22 @@ impl Engine {
                 // Invariant: capacity >= 2 × mine.len().
                 let _ = agg.add_symbol(*s);
             }
+            (mine, capacity, agg)
+        };
+        if config.workers == 0 {
+            let (mine, capacity, agg) = partition(0);
+            let lane = InlineLane { lane: Lane::new(0, 1, agg), symbols: mine.len(), capacity };
+            return Ok(Engine {
+                workers: Vec::new(),
+                inline: Some(Box::new(lane)),
+                snapshots: config.aggregator.snapshots,
+            });
+        }
+        // Built as we go: if a spawn fails, dropping `engine` stops the workers already started.
+        let mut engine =
+            Engine { workers: Vec::with_capacity(n), inline: None, snapshots: config.aggregator.snapshots };
+        for w in 0..n {
+            let (mine, capacity, agg) = partition(w);
             let (input, worker_in) = RingBuffer::new(config.queue_capacity.max(16));
             let (worker_out, output) = RingBuffer::new(config.queue_capacity.max(16) * 4);
             let shared = Arc::new(Shared {
@@ -188,7 +213,7 @@ impl Engine {
                     if let Some(c) = core {
                         pin(c, w);
                     }
-                    run_worker(w as u32, n as u32, agg, worker_in, worker_out, &sh);
+                    run_worker(Lane::new(w as u32, n as u32, agg), worker_in, worker_out, &sh);
                 })
                 .map_err(|source| EngineStartError { worker: w, source })?;
             engine.workers.push(WorkerHandle {
@@ -204,18 +229,29 @@ impl Engine {
         Ok(engine)
     }
 
+    /// Worker threads (0: inline).
     pub fn workers(&self) -> usize {
         self.workers.len()
     }
 
-    /// Worker of global symbol `g`.
+    /// Partitions: the workers, or the one inline.
+    fn lanes(&self) -> usize {
+        self.workers.len().max(1)
+    }
+
+    /// Worker of global symbol `g` (0 inline).
     pub fn worker_of(&self, g: u32) -> usize {
-        g as usize % self.workers.len()
+        g as usize % self.lanes()
     }
 
     /// Sends `msg` to worker `w`. When its queue is full, hands waiting outputs to `sink` until
-    /// there is room (so a full output queue can never deadlock the pair).
+    /// there is room (so a full output queue can never deadlock the pair). Inline, `msg` is
+    /// processed now and its outputs go to `sink` before this returns.
     pub fn send(&mut self, w: usize, mut msg: WorkerInput, sink: &mut impl FnMut(WorkerOutput)) {
+        if let Some(inline) = self.inline.as_mut() {
+            inline.lane.handle(msg, sink);
+            return;
+        }
         loop {
             let h = &mut self.workers[w];
             match h.input.push(msg) {
@@ -246,7 +282,7 @@ impl Engine {
 
     /// Sends `msg` to every worker (ticks, feed state).
     pub fn broadcast(&mut self, msg: impl Fn() -> WorkerInput, sink: &mut impl FnMut(WorkerOutput)) {
-        for w in 0..self.workers.len() {
+        for w in 0..self.lanes() {
             self.send(w, msg(), sink);
         }
     }
@@ -261,13 +297,23 @@ impl Engine {
     /// worker's tables first if needed, allocating here, off the worker's hot path.
     pub fn add_symbol(&mut self, g: u32, spec: SymbolSpec, sink: &mut impl FnMut(WorkerOutput)) {
         let w = self.worker_of(g);
-        if self.workers[w].symbols >= self.workers[w].capacity {
-            let cap = self.workers[w].capacity * 2;
+        let (symbols, capacity) = match self.inline.as_deref() {
+            Some(i) => (i.symbols, i.capacity),
+            None => (self.workers[w].symbols, self.workers[w].capacity),
+        };
+        if symbols >= capacity {
+            let cap = capacity * 2;
             let storage = Box::new(AggregatorStorage::new(cap, self.snapshots));
             self.send(w, WorkerInput::Adopt(storage), sink);
-            self.workers[w].capacity = cap;
+            match self.inline.as_deref_mut() {
+                Some(i) => i.capacity = cap,
+                None => self.workers[w].capacity = cap,
+            }
         }
-        self.workers[w].symbols += 1;
+        match self.inline.as_deref_mut() {
+            Some(i) => i.symbols += 1,
+            None => self.workers[w].symbols += 1,
+        }
         self.send(w, WorkerInput::AddSymbol { g, spec }, sink);
     }
 
@@ -307,6 +353,9 @@ impl Engine {
 
     /// Sum of the workers' aggregator counters (refreshed by each worker after every batch).
     pub fn stats(&self) -> AggregatorStats {
+        if let Some(i) = self.inline.as_deref() {
+            return i.lane.agg.stats();
+        }
         let mut t = AggregatorStats::default();
         for h in &self.workers {
             let s = h.shared.stats.lock().map(|g| *g).unwrap_or_default();
@@ -367,93 +416,102 @@ fn push_out(q: &mut Producer<WorkerOutput>, mut out: WorkerOutput, shared: &Shar
     }
 }
 
-fn run_worker(
+/// One partition's aggregation: what a worker thread (or, inline, the ingest thread) does with
+/// each input, emitting its outputs in order.
+struct Lane {
     w: u32,
     n: u32,
-    mut agg: Aggregator,
-    mut input: Consumer<WorkerInput>,
-    mut output: Producer<WorkerOutput>,
-    shared: &Shared,
-) {
+    agg: Aggregator,
+    /// Time of what is being processed, stamped on the K-lines it produces.
+    ts_event_ns: i64,
+    recv_ns: i64,
+    hold: bool,
+    /// Inputs since the changed K-lines were last emitted.
+    unflushed: u32,
+}
+
+impl Lane {
+    fn new(w: u32, n: u32, agg: Aggregator) -> Lane {
+        Lane { w, n, agg, ts_event_ns: 0, recv_ns: 0, hold: false, unflushed: 0 }
+    }
+
+    fn handle(&mut self, msg: WorkerInput, out: &mut impl FnMut(WorkerOutput)) {
+        let (w, n) = (self.w, self.n);
+        let local = |g: u32| g / n;
+        let mut flush = false;
+        match msg {
+            WorkerInput::Trade { trade, recv_ns } => {
+                self.ts_event_ns = trade.time_us.saturating_mul(1000);
+                self.recv_ns = recv_ns;
+                let (ts_event_ns, recv_ns) = (self.ts_event_ns, self.recv_ns);
+                self.agg.on_trade_at(local(trade.symbol_id), &trade, &mut |k| {
+                    out(WorkerOutput::Closed { kline: *k, ts_event_ns, recv_ns })
+                });
+                out(WorkerOutput::Trade { trade, recv_ns });
+            }
+            WorkerInput::Tick { ms, sent_ns } => {
+                self.ts_event_ns = ms.saturating_mul(1_000_000);
+                self.recv_ns = sent_ns;
+                let (ts_event_ns, recv_ns) = (self.ts_event_ns, self.recv_ns);
+                self.agg.on_clock(ms, &mut |k| out(WorkerOutput::Closed { kline: *k, ts_event_ns, recv_ns }));
+            }
+            WorkerInput::FeedDown(None) => self.agg.set_feed_live(false),
+            WorkerInput::FeedDown(Some(g)) => self.agg.feed_down(local(g)),
+            WorkerInput::FeedUp { symbol: None, backfilled } => {
+                for id in 0..self.agg.symbol_count() as u32 {
+                    self.agg.feed_up(id, backfilled);
+                }
+            }
+            WorkerInput::FeedUp { symbol: Some(g), backfilled } => self.agg.feed_up(local(g), backfilled),
+            WorkerInput::AddSymbol { g, spec } => match self.agg.add_symbol(spec) {
+                Ok(id) if id == local(g) => {}
+                Ok(id) => tracing::error!(worker = w, symbol = %spec.symbol, g, id, "symbol ids out of step"),
+                Err(e) => tracing::error!(worker = w, symbol = %spec.symbol, error = %e, "symbol not added"),
+            },
+            WorkerInput::RemoveSymbol(g) => {
+                self.agg.remove_symbol(local(g));
+            }
+            WorkerInput::HoldUpdates(h) => {
+                self.hold = h;
+                flush = !h;
+            }
+            WorkerInput::FlushUpdates => flush = true,
+            WorkerInput::Restore { g, views } => {
+                if !self.agg.restore_symbol(local(g), &views) {
+                    tracing::warn!(worker = w, g, "restore for an unknown symbol ignored");
+                }
+            }
+            WorkerInput::Adopt(mut storage) => {
+                // Swap through the same box: no allocation or free on this thread (an empty
+                // storage allocates nothing).
+                let fresh = std::mem::replace(&mut *storage, AggregatorStorage::new(0, false));
+                *storage = self.agg.adopt(fresh);
+                out(WorkerOutput::Retired(storage));
+            }
+        }
+        self.unflushed += 1;
+        if !self.hold && (flush || self.unflushed >= MAX_UNFLUSHED) {
+            let (ts_event_ns, recv_ns) = (self.ts_event_ns, self.recv_ns);
+            self.agg.drain_updates(&mut |k| out(WorkerOutput::Update { kline: *k, ts_event_ns, recv_ns }));
+            self.unflushed = 0;
+        }
+    }
+}
+
+fn run_worker(mut lane: Lane, mut input: Consumer<WorkerInput>, mut output: Producer<WorkerOutput>, shared: &Shared) {
     let mut processed: u64 = 0;
     let mut idle_since: Option<Instant> = None;
-    // Time of what is being processed, stamped on the K-lines it produces.
-    let mut ts_event_ns = 0i64;
-    let mut recv_ns = 0i64;
-    let local = |g: u32| g / n;
-    let mut hold = false;
-    // Inputs since the changed K-lines were last emitted; a flush asked for by the current input.
-    let mut unflushed = 0u32;
-    let mut flush = false;
     loop {
         let mut batch = 0u32;
         while let Ok(msg) = input.pop() {
             batch += 1;
-            let out = &mut output;
-            match msg {
-                WorkerInput::Trade { trade, recv_ns: r } => {
-                    ts_event_ns = trade.time_us.saturating_mul(1000);
-                    recv_ns = r;
-                    agg.on_trade_at(local(trade.symbol_id), &trade, &mut |k| {
-                        push_out(out, WorkerOutput::Closed { kline: *k, ts_event_ns, recv_ns }, shared)
-                    });
-                    push_out(out, WorkerOutput::Trade { trade, recv_ns: r }, shared);
-                }
-                WorkerInput::Tick { ms, sent_ns } => {
-                    ts_event_ns = ms.saturating_mul(1_000_000);
-                    recv_ns = sent_ns;
-                    agg.on_clock(ms, &mut |k| {
-                        push_out(out, WorkerOutput::Closed { kline: *k, ts_event_ns, recv_ns }, shared)
-                    });
-                }
-                WorkerInput::FeedDown(None) => agg.set_feed_live(false),
-                WorkerInput::FeedDown(Some(g)) => agg.feed_down(local(g)),
-                WorkerInput::FeedUp { symbol: None, backfilled } => {
-                    for id in 0..agg.symbol_count() as u32 {
-                        agg.feed_up(id, backfilled);
-                    }
-                }
-                WorkerInput::FeedUp { symbol: Some(g), backfilled } => agg.feed_up(local(g), backfilled),
-                WorkerInput::AddSymbol { g, spec } => match agg.add_symbol(spec) {
-                    Ok(id) if id == local(g) => {}
-                    Ok(id) => tracing::error!(worker = w, symbol = %spec.symbol, g, id, "symbol ids out of step"),
-                    Err(e) => tracing::error!(worker = w, symbol = %spec.symbol, error = %e, "symbol not added"),
-                },
-                WorkerInput::RemoveSymbol(g) => {
-                    agg.remove_symbol(local(g));
-                }
-                WorkerInput::HoldUpdates(h) => {
-                    hold = h;
-                    flush = !h;
-                }
-                WorkerInput::FlushUpdates => flush = true,
-                WorkerInput::Restore { g, views } => {
-                    if !agg.restore_symbol(local(g), &views) {
-                        tracing::warn!(worker = w, g, "restore for an unknown symbol ignored");
-                    }
-                }
-                WorkerInput::Adopt(mut storage) => {
-                    // Swap through the same box: no allocation or free on this thread (an empty
-                    // storage allocates nothing).
-                    let fresh = std::mem::replace(&mut *storage, AggregatorStorage::new(0, false));
-                    *storage = agg.adopt(fresh);
-                    push_out(out, WorkerOutput::Retired(storage), shared);
-                }
-            }
+            lane.handle(msg, &mut |o| push_out(&mut output, o, shared));
             processed += 1;
-            unflushed += 1;
-            if !hold && (flush || unflushed >= MAX_UNFLUSHED) {
-                agg.drain_updates(&mut |k| {
-                    push_out(out, WorkerOutput::Update { kline: *k, ts_event_ns, recv_ns }, shared)
-                });
-                unflushed = 0;
-            }
-            flush = false;
             // Progress at the end of a batch (or every 256 inputs under load).
             if input.is_empty() || batch.is_multiple_of(256) {
                 // Counters first (never waiting for the lock), then the progress mark.
                 if let Ok(mut s) = shared.stats.try_lock() {
-                    *s = agg.stats();
+                    *s = lane.agg.stats();
                 }
                 shared.processed.store(processed, Ordering::Release);
             }
@@ -465,7 +523,7 @@ fn run_worker(
         if shared.stop.load(Ordering::SeqCst) {
             // Final counters, waiting for the lock this once.
             if let Ok(mut s) = shared.stats.lock() {
-                *s = agg.stats();
+                *s = lane.agg.stats();
             }
             return;
         }
@@ -492,6 +550,12 @@ mod tests {
 
     #[test]
     fn workers_give_the_same_klines_as_one_aggregator_and_grow_while_running() {
+        // Two worker threads, then inline (0 workers): both must equal one plain aggregator.
+        same_klines_as_one_aggregator(2);
+        same_klines_as_one_aggregator(0);
+    }
+
+    fn same_klines_as_one_aggregator(workers: usize) {
         let n = 140;
         let cfg = SyntheticConfig {
             seed: 9,
@@ -505,9 +569,9 @@ mod tests {
         let specs = feed.specs();
         let agg_cfg = AggregatorConfig { close_grace_ms: 100, ..AggregatorConfig::default() };
         let mut reference = Aggregator::new(&specs, agg_cfg);
-        // Two workers starting with one symbol: adding the other 139 outgrows both workers'
-        // initial tables (64), so each adopts bigger storage while running.
-        let config = EngineConfig { workers: 2, cores: vec![], queue_capacity: 64, aggregator: agg_cfg };
+        // Workers starting with one symbol: adding the other 139 outgrows each one's initial
+        // table (64), so each adopts bigger storage while running (inline: the one partition).
+        let config = EngineConfig { workers, cores: vec![], queue_capacity: 64, aggregator: agg_cfg };
         let mut engine = Engine::start(&config, &specs[..1]).unwrap();
         let mut got: Vec<Kline> = Vec::new();
         let mut trades_out = 0;
@@ -535,18 +599,25 @@ mod tests {
         }
         let stats = engine.stop(&mut sink);
         assert_eq!(trades_out, 60_000);
-        assert_eq!(retired, 2, "each worker grew once");
+        // Two workers of 70 symbols each grow once (64 → 128); inline, the one table of 140
+        // grows twice (64 → 128 → 256).
+        assert_eq!(retired, if workers == 0 { 2 } else { workers }, "tables grown while running");
         assert_eq!(stats.trades, 60_000);
         let key = |k: &Kline| (k.symbol_id, k.interval, k.open_time);
         got.sort_by_key(key);
         want.sort_by_key(key);
         assert!(want.len() > 10_000);
         assert_eq!(got.len(), want.len());
-        assert!(got == want, "the workers' closed K-lines differ from one aggregator's");
+        assert!(got == want, "the closed K-lines of {workers} workers differ from one aggregator's");
     }
 
     #[test]
     fn open_kline_updates_leave_once_per_round_and_trades_at_once() {
+        updates_once_per_round(1);
+        updates_once_per_round(0);
+    }
+
+    fn updates_once_per_round(workers: usize) {
         let cfg = SyntheticConfig {
             seed: 3,
             symbols: symbol_names(2),
@@ -557,7 +628,7 @@ mod tests {
         };
         let mut feed = SyntheticFeed::new(&cfg).unwrap();
         let specs = feed.specs();
-        let config = EngineConfig { workers: 1, cores: vec![], queue_capacity: 8192, aggregator: Default::default() };
+        let config = EngineConfig { workers, cores: vec![], queue_capacity: 8192, aggregator: Default::default() };
         let mut engine = Engine::start(&config, &specs).unwrap();
         let out = std::cell::RefCell::new(Vec::new());
         let mut sink = |o: WorkerOutput| out.borrow_mut().push(o);

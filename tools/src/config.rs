@@ -232,7 +232,7 @@ impl Default for BrokerSection {
             late_policy: "drop".into(),
             max_empty_run: 1000,
             core: None,
-            workers: 1,
+            workers: 0,
             cores: Vec::new(),
             ingress_queue: 65536,
             ingress_policy: "block".into(),
@@ -315,8 +315,8 @@ impl Config {
         if self.wal.segment_bytes < 4096 {
             bail!("wal.segment_bytes = {} is below 4096", self.wal.segment_bytes);
         }
-        if self.broker.workers == 0 || self.broker.workers > 256 {
-            bail!("broker.workers = {} must be within 1..=256", self.broker.workers);
+        if self.broker.workers > 256 {
+            bail!("broker.workers = {} must be within 0..=256", self.broker.workers);
         }
         if self.broker.max_empty_run == 0 {
             bail!("broker.max_empty_run must be at least 1");

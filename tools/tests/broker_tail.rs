@@ -16,7 +16,8 @@ use serde_json::Value;
 
 #[test]
 fn closed_klines_of_every_interval_equal_an_oracle_from_the_recorded_trades() {
-    oracle_run(1, "40");
+    // The default: no worker threads, the ingest thread aggregates.
+    oracle_run(0, "40");
 }
 
 #[test]

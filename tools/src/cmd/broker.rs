@@ -78,7 +78,8 @@ pub struct BrokerArgs {
     /// Pin the ingest/publish thread to this core.
     #[arg(long, env = "MDBUS_CORE")]
     pub core: Option<usize>,
-    /// Aggregation worker threads (symbols are partitioned across them).
+    /// Aggregation worker threads (symbols are partitioned across them); 0: aggregate on the
+    /// ingest/publish thread.
     #[arg(long, env = "MDBUS_WORKERS")]
     pub workers: Option<usize>,
     /// Cores for the workers, comma-separated (worker i on the i-th, cycling).
