@@ -1,5 +1,9 @@
 //! The partitioned K-line engine: N aggregation workers, each a thread (optionally pinned) that
-//! owns the [`Aggregator`] of its symbols, fed and drained through bounded lock-free SPSC queues.
+//! owns the [`Aggregator`] of its symbols, fed and drained through bounded lock-free SPSC queues;
+//! or, with 0 workers (the broker's default), the same per-input code (`Lane`) run inline on the
+//! ingest thread, each output handed to the sink at once. Aggregating a trade into all 16
+//! intervals costs ~30 ns, less than the two queue hops of a worker; workers pay off only when one
+//! thread cannot keep up with the aggregation.
 //!
 //! Upstream: the broker's ingest thread, through [`Engine::send`] — trades, clock ticks, feed
 //! state and symbol changes travel down the same queue per worker, so a tick is never overtaken
