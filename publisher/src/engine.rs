@@ -126,7 +126,11 @@ struct WorkerHandle {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
     pushed: u64,
-    /// Local symbols on this worker and its table capacity.
+    table: Table,
+}
+
+/// Local symbols on a partition and its table capacity (grown from the ingest thread).
+struct Table {
     symbols: usize,
     capacity: usize,
 }
@@ -134,8 +138,7 @@ struct WorkerHandle {
 /// Inline aggregation: the one partition, run on the caller's thread.
 struct InlineLane {
     lane: Lane,
-    symbols: usize,
-    capacity: usize,
+    table: Table,
 }
 
 /// The running workers, or the inline partition.
@@ -185,11 +188,11 @@ impl Engine {
                 // Invariant: capacity >= 2 × mine.len().
                 let _ = agg.add_symbol(*s);
             }
-            (mine, capacity, agg)
+            (Table { symbols: mine.len(), capacity }, agg)
         };
         if config.workers == 0 {
-            let (mine, capacity, agg) = partition(0);
-            let lane = InlineLane { lane: Lane::new(0, 1, agg), symbols: mine.len(), capacity };
+            let (table, agg) = partition(0);
+            let lane = InlineLane { lane: Lane::new(0, 1, agg), table };
             return Ok(Engine {
                 workers: Vec::new(),
                 inline: Some(Box::new(lane)),
@@ -200,7 +203,7 @@ impl Engine {
         let mut engine =
             Engine { workers: Vec::with_capacity(n), inline: None, snapshots: config.aggregator.snapshots };
         for w in 0..n {
-            let (mine, capacity, agg) = partition(w);
+            let (table, agg) = partition(w);
             let (input, worker_in) = RingBuffer::new(config.queue_capacity.max(16));
             let (worker_out, output) = RingBuffer::new(config.queue_capacity.max(16) * 4);
             let shared = Arc::new(Shared {
@@ -220,15 +223,7 @@ impl Engine {
                     run_worker(Lane::new(w as u32, n as u32, agg), worker_in, worker_out, &sh);
                 })
                 .map_err(|source| EngineStartError { worker: w, source })?;
-            engine.workers.push(WorkerHandle {
-                input,
-                output,
-                shared,
-                thread: Some(thread),
-                pushed: 0,
-                symbols: mine.len(),
-                capacity,
-            });
+            engine.workers.push(WorkerHandle { input, output, shared, thread: Some(thread), pushed: 0, table });
         }
         Ok(engine)
     }
@@ -301,22 +296,15 @@ impl Engine {
     /// worker's tables first if needed, allocating here, off the worker's hot path.
     pub fn add_symbol(&mut self, g: u32, spec: SymbolSpec, sink: &mut impl FnMut(WorkerOutput)) {
         let w = self.worker_of(g);
-        let (symbols, capacity) = match self.inline.as_deref() {
-            Some(i) => (i.symbols, i.capacity),
-            None => (self.workers[w].symbols, self.workers[w].capacity),
+        let t = match self.inline.as_deref_mut() {
+            Some(i) => &mut i.table,
+            None => &mut self.workers[w].table,
         };
-        if symbols >= capacity {
-            let cap = capacity * 2;
-            let storage = Box::new(AggregatorStorage::new(cap, self.snapshots));
+        t.symbols += 1;
+        if t.symbols > t.capacity {
+            t.capacity *= 2;
+            let storage = Box::new(AggregatorStorage::new(t.capacity, self.snapshots));
             self.send(w, WorkerInput::Adopt(storage), sink);
-            match self.inline.as_deref_mut() {
-                Some(i) => i.capacity = cap,
-                None => self.workers[w].capacity = cap,
-            }
-        }
-        match self.inline.as_deref_mut() {
-            Some(i) => i.symbols += 1,
-            None => self.workers[w].symbols += 1,
         }
         self.send(w, WorkerInput::AddSymbol { g, spec }, sink);
     }
