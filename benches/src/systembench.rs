@@ -32,7 +32,7 @@ pub(crate) fn spawn_broker(o: &BenchOptions, bus: &str, args: &[&str], tmp: &Pat
     cmd.args(["broker", "--bus", bus, "--wait-subscribers", "1"]);
     if o.pin {
         // The ingest/publish thread, which aggregates too (the default, 0 workers); the log's
-        // threads and the reader have the other core.
+        // threads and the reader are left to the scheduler.
         cmd.args(["--core", "0"]);
     }
     cmd.args(args)
