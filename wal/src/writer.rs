@@ -348,15 +348,11 @@ impl Wal {
 
     /// Ends a batch: writes the buffered records to the file and syncs them per the policy.
     pub fn commit(&mut self) -> Result<(), WalAppendError> {
+        self.write_out()?;
         let io = |path: &Path, source| WalAppendError::Io { path: path.to_owned(), source };
-        self.file.flush().map_err(|s| io(&self.path, s))?;
-        self.index.flush().map_err(|s| io(&self.path, s))?;
         match (&self.syncer, self.options.durability) {
             (_, Durability::None) => {}
             (Some(syncer), Durability::Interval(d)) => {
-                if let Some(source) = syncer.take_error() {
-                    return Err(io(&self.path, source));
-                }
                 // Due and none running: start one in the background and go on writing.
                 if self.unsynced && self.last_sync.elapsed() >= d && syncer.request(self.file.get_ref()) {
                     self.last_sync = Instant::now();
@@ -373,6 +369,18 @@ impl Wal {
         Ok(())
     }
 
+    /// Writes the buffered records and index entries to their files; fails with the error of a
+    /// background sync that failed since the last call.
+    fn write_out(&mut self) -> Result<(), WalAppendError> {
+        let e = append_err(&self.path);
+        self.file.flush().map_err(&e)?;
+        self.index.flush().map_err(&e)?;
+        match self.syncer.as_ref().and_then(Syncer::take_error) {
+            Some(source) => Err(e(source)),
+            None => Ok(()),
+        }
+    }
+
     fn sync_inline(&mut self) -> std::io::Result<()> {
         let t0 = Instant::now();
         self.file.get_ref().sync_data()?;
@@ -385,8 +393,9 @@ impl Wal {
 
     fn roll(&mut self, base: Seq) -> Result<(), WalAppendError> {
         // The finished segment is made durable whatever the policy: only the newest one can
-        // have a torn tail.
-        self.commit()?;
+        // have a torn tail. (Written out, not committed: a commit's data sync would only come
+        // before this full one.)
+        self.write_out()?;
         self.file.get_ref().sync_all().map_err(append_err(&self.path))?;
         self.index.get_ref().sync_all().map_err(append_err(&self.path))?;
         let empty_first = self.records_in_segment == 0;
