@@ -361,6 +361,14 @@ pub fn run(
     symbols_source: Option<&SymbolsSource>,
 ) -> Result<BrokerReport, BrokerRunError> {
     let stop = &*control.stop;
+    // Every thread this broker starts (the feed's, workers without cores of their own, the log's,
+    // the snapshot writer's) inherits this thread's CPU mask: keep them off the ingest core, which
+    // this thread takes for itself once they exist.
+    if let Some(core) = config.core {
+        if crate::affinity::keep_off_core(core) {
+            tracing::debug!(core, "helper threads kept off the ingest core");
+        }
+    }
     let mut feed = Feed::open(&config.source)?;
     let specs = feed.specs();
     let engine_config = EngineConfig {
@@ -378,9 +386,6 @@ pub fn run(
         tracing::warn!(cores = ?config.worker_cores, "worker cores ignored: with 0 workers the ingest/publish thread aggregates");
     }
     let mut engine = Engine::start(&engine_config, &specs)?;
-    // After the workers exist: a thread pinned first would hand its one-core mask to them, and
-    // they could not be pinned elsewhere.
-    pin(config.core);
     // A restart continues its recording (cut back to what the log has, completed from it).
     let (mut recorder, mut record_last) = match (&config.record, &config.restore) {
         (Some(dir), Some(_)) => {
@@ -421,6 +426,9 @@ pub fn run(
         Some(s) => Some(SnapshotSink::open(&config.bus, *s, publisher_id, Arc::clone(&control.metrics))?),
         None => None,
     };
+    // Only now that every helper thread exists: a thread pinned first would hand its one-core mask
+    // to them, and the log's threads would share the ingest core while the others idle.
+    pin(config.core);
     // Everything above runs while a database read started by the caller goes on; from here on
     // the broker needs what it read.
     let restore_state = config.restore.as_ref().map(RestoreFrom::wait).transpose()?;

@@ -8,7 +8,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::oracle::*;
 use common::*;
@@ -138,5 +138,65 @@ fn oracle_run(workers: usize, speed: &str) {
     // The 1M K-line of February 2021 closed with T = 2021-02-28T23:59:59.999Z.
     assert!(data.iter().any(|v| v["k"]["i"] == "1M" && v["k"]["x"] == true && v["k"]["T"] == 1_614_556_799_999i64));
     assert!(leftover_shm(&bus).is_empty(), "shared memory left: {:?}", leftover_shm(&bus));
+    forget_bus(&bus);
+}
+
+/// The cores a `/proc/.../status` allows (`Cpus_allowed_list: 0-1,4`).
+fn allowed_cores(status: &str) -> Vec<usize> {
+    let list = status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).unwrap_or("").trim();
+    let mut cores = Vec::new();
+    for part in list.split(',').filter(|p| !p.is_empty()) {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        cores.extend(a.parse::<usize>().unwrap()..=b.parse::<usize>().unwrap());
+    }
+    cores
+}
+
+/// Name and allowed cores of every thread of process `pid`.
+fn threads_of(pid: u32) -> Vec<(u32, String, Vec<usize>)> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
+    tasks
+        .filter_map(|t| {
+            let t = t.ok()?.path();
+            let tid = t.file_name()?.to_str()?.parse().ok()?;
+            let comm = std::fs::read_to_string(t.join("comm")).ok()?.trim().to_owned();
+            Some((tid, comm, allowed_cores(&std::fs::read_to_string(t.join("status")).ok()?)))
+        })
+        .collect()
+}
+
+#[test]
+fn a_pinned_broker_keeps_its_log_threads_off_its_ingest_core() {
+    let mine = allowed_cores(&std::fs::read_to_string("/proc/self/status").unwrap());
+    if mine.len() < 2 {
+        eprintln!("skipped: this machine lets the test use one core");
+        return;
+    }
+    let core = mine[0];
+    let bus = unique_bus("pin");
+    let dir = TempDir::new("pin");
+    let wal = dir.0.join("wal");
+    let core_s = core.to_string();
+    let broker = Proc::spawn(
+        "broker",
+        &["broker", "--bus", &bus, "--wal", wal.to_str().unwrap(), "--rate", "1000", "--core", &core_s],
+    );
+    let pid = broker.child.id();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let threads = loop {
+        let threads = threads_of(pid);
+        let main_pinned = threads.iter().any(|(tid, _, cores)| *tid == pid && *cores == [core]);
+        let log_threads = threads.iter().filter(|(_, name, _)| name.starts_with("mdbus-wal")).count();
+        if main_pinned && log_threads == 2 {
+            break threads;
+        }
+        assert!(Instant::now() < deadline, "the broker never pinned itself and started its log: {threads:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    for (_, name, cores) in threads.iter().filter(|(_, name, _)| name.starts_with("mdbus-wal")) {
+        assert!(!cores.is_empty() && !cores.contains(&core), "{name} may run on the ingest core {core}: {cores:?}");
+    }
+    let (ok, err) = broker.stop(Duration::from_secs(10));
+    assert!(ok, "{err}");
     forget_bus(&bus);
 }
