@@ -132,10 +132,17 @@ fn pin(core: Option<usize>) {
     }
 }
 
-fn sample_kline(sym: Symbol, i: u64) -> Kline {
-    let mut k = Kline::empty(Interval::M1, 1_700_000_000_000, sym, 0, 2, 5, 8_723_201 + i as i64 % 100);
+/// The K-line every message carries, as an open K-line in the broker's table looks. Each message
+/// then updates it as a trade would ([`next_update`]): building the value is not bus work.
+fn sample_kline(sym: Symbol) -> Kline {
+    Kline::empty(Interval::M1, 1_700_000_000_000, sym, 0, 2, 5, 8_723_201)
+}
+
+fn next_update(k: &mut Kline, i: u64) {
     k.trade_count = i;
-    k
+    k.close = 8_723_201 + i as i64 % 100;
+    k.high = k.high.max(k.close);
+    k.volume += 1;
 }
 
 /// The settings of the benchmark's own streams: lossless in throughput mode.
@@ -306,10 +313,11 @@ pub fn run_publisher(spec: &PeerSpec) -> Result<PeerReport, PeerError> {
             let batch = matches!(spec.mode, Mode::Throughput);
             let sym = Symbol::new("BTCUSDT").map_err(|e| PeerError::Other(e.to_string()))?;
             let frame = payload_len();
+            let mut k = sample_kline(sym);
             sent.stamp();
             for i in 0..spec.count {
                 pacer.wait();
-                let k = sample_kline(sym, i);
+                next_update(&mut k, i);
                 let h = header(FrameKind::Kline, 9, i + 1);
                 w.push_kline(h, &k).map_err(|e| PeerError::Other(e.to_string()))?;
                 if !batch || w.len() + frame > settings.max_sample_bytes {
