@@ -361,14 +361,6 @@ pub fn run(
     symbols_source: Option<&SymbolsSource>,
 ) -> Result<BrokerReport, BrokerRunError> {
     let stop = &*control.stop;
-    // Every thread this broker starts (the feed's, workers without cores of their own, the log's,
-    // the snapshot writer's) inherits this thread's CPU mask: keep them off the ingest core, which
-    // this thread takes for itself once they exist.
-    if let Some(core) = config.core {
-        if crate::affinity::keep_off_core(core) {
-            tracing::debug!(core, "helper threads kept off the ingest core");
-        }
-    }
     let mut feed = Feed::open(&config.source)?;
     let specs = feed.specs();
     let engine_config = EngineConfig {
@@ -426,8 +418,10 @@ pub fn run(
         Some(s) => Some(SnapshotSink::open(&config.bus, *s, publisher_id, Arc::clone(&control.metrics))?),
         None => None,
     };
-    // Only now that every helper thread exists: a thread pinned first would hand its one-core mask
-    // to them, and the log's threads would share the ingest core while the others idle.
+    // Only now that every helper thread exists (the feed's, the workers', the log's, the snapshot
+    // writer's): a thread pinned first would hand its one-core mask to them, and they would share
+    // the ingest core while the others idle. Unpinned, the log's threads may also take the ingest
+    // core's time while this thread waits for a free log buffer.
     pin(config.core);
     // Everything above runs while a database read started by the caller goes on; from here on
     // the broker needs what it read.
