@@ -1,14 +1,12 @@
 //! The WAL writer thread: every published sample's data frames go to the write-ahead log, off the
 //! publish thread.
 //!
-//! Upstream: the publish thread hands over each sent sample through [`WalSink::submit`]: its data
-//! frames encoded as log records (one per frame, checksum included; heartbeats carry no seq of
-//! their own and are not logged) into a batch from a fixed pool, passed over an SPSC queue (empty
-//! batches come back on a second one, so nothing is allocated once warm). The frames are still
-//! in the publish thread's cache, and the log thread, which on two cores shares the other core
-//! with readers and the kernel's writeback, is left only the copying out. When every batch is in
-//! flight the publish thread waits: the log never drops a frame. Downstream: `mdbus_wal::Wal` —
-//! the records of every batch waiting, one group commit for them, then retention.
+//! Upstream: the publish thread hands over each sent sample through [`WalSink::submit`]: a copy
+//! into a buffer from a fixed pool, passed over an SPSC queue (empty buffers come back on a second
+//! one, so nothing is allocated once warm). When every buffer is in flight the publish thread
+//! waits: the log never drops a frame. Downstream: `mdbus_wal::Wal` — one record per data frame
+//! (heartbeats carry no seq of their own and are not logged), one group commit per sample, then
+//! retention.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -16,15 +14,15 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use mdbus_schema::{FrameIter, FrameKind};
-use mdbus_wal::{RecordBatch, RetentionPolicy, Wal, WalAppendError};
+use mdbus_wal::{RetentionPolicy, Wal, WalAppendError};
 use rtrb::{Consumer, Producer, RingBuffer};
 
 use crate::metrics::BrokerMetrics;
 
 /// The publish thread's end of the WAL thread.
 pub struct WalSink {
-    full: Producer<RecordBatch>,
-    empty: Consumer<RecordBatch>,
+    full: Producer<Vec<u8>>,
+    empty: Consumer<Vec<u8>>,
     stop: Arc<AtomicBool>,
     /// Set by the WAL thread just before it parks on an empty queue: the publish thread then
     /// unparks it after its next hand-over (an idle broker's log thread costs no CPU).
@@ -56,25 +54,13 @@ const COMMIT_EVERY: usize = 32;
 const BUSY_FOR: Duration = Duration::from_millis(2);
 const GATHER: Duration = Duration::from_micros(200);
 
-/// Appends one record per data frame of `sample` to `batch`.
-fn encode_frames(sample: &[u8], batch: &mut RecordBatch) -> Result<(), WalSinkError> {
-    for frame in FrameIter::new(sample) {
-        let frame = frame.map_err(WalSinkError::Frame)?;
-        if frame.kind() != FrameKind::Heartbeat {
-            batch.push(frame.seq(), frame.raw())?;
-        }
-    }
-    Ok(())
-}
-
 /// Starting the WAL thread failed.
 #[derive(Debug, thiserror::Error)]
 #[error("starting the wal thread: {0}")]
 pub struct WalThreadStartError(#[from] std::io::Error);
 
 impl WalSink {
-    /// Moves `wal` to a new thread with a pool of `buffers` batches, each with room for the records
-    /// of a sample of `buffer_bytes`.
+    /// Moves `wal` to a new thread with a pool of `buffers` buffers of `buffer_bytes` each.
     pub fn start(
         mut wal: Wal,
         buffers: usize,
@@ -83,13 +69,11 @@ impl WalSink {
         acked_floor: bool,
         metrics: Arc<BrokerMetrics>,
     ) -> Result<WalSink, WalThreadStartError> {
-        let (full, mut from_publisher) = RingBuffer::<RecordBatch>::new(buffers);
-        let (mut to_publisher, empty) = RingBuffer::<RecordBatch>::new(buffers);
-        // A record adds a 16-byte header and padding to a frame of at least 64 bytes.
-        let batch_bytes = buffer_bytes + buffer_bytes / 2;
+        let (full, mut from_publisher) = RingBuffer::<Vec<u8>>::new(buffers);
+        let (mut to_publisher, empty) = RingBuffer::<Vec<u8>>::new(buffers);
         for _ in 0..buffers {
             // Invariant: the queue has room for exactly `buffers` entries.
-            let _ = to_publisher.push(RecordBatch::with_capacity(batch_bytes));
+            let _ = to_publisher.push(Vec::with_capacity(buffer_bytes));
         }
         let stop = Arc::new(AtomicBool::new(false));
         let st = Arc::clone(&stop);
@@ -98,20 +82,28 @@ impl WalSink {
         let thread = std::thread::Builder::new().name("mdbus-wal".into()).spawn(move || {
             let mut appended = 0u64;
             let mut last_retention = Instant::now();
-            // Batches appended since the last commit: every sample waiting is appended, then one
+            // Buffers appended since the last commit: every sample waiting is appended, then one
             // commit (one write and at most one sync) covers them all.
-            let mut done: Vec<RecordBatch> = Vec::with_capacity(buffers);
+            let mut done: Vec<Vec<u8>> = Vec::with_capacity(buffers);
             let mut last_work = Instant::now();
             let mut seen_syncs = 0u64;
             loop {
                 let mut last_seq = None;
-                while let Ok(batch) = from_publisher.pop() {
-                    wal.append_records(&batch)?;
-                    last_seq = batch.last_seq().or(last_seq);
-                    appended += batch.records();
-                    metrics.wal.records.fetch_add(batch.records(), Ordering::Relaxed);
-                    metrics.wal.bytes.fetch_add(batch.payload_bytes(), Ordering::Relaxed);
-                    done.push(batch);
+                while let Ok(buf) = from_publisher.pop() {
+                    let (mut records, mut bytes) = (0u64, 0u64);
+                    for frame in FrameIter::new(&buf) {
+                        let frame = frame.map_err(WalSinkError::Frame)?;
+                        if frame.kind() != FrameKind::Heartbeat {
+                            wal.append(frame.seq(), frame.raw())?;
+                            last_seq = Some(frame.seq());
+                            records += 1;
+                            bytes += frame.raw().len() as u64;
+                        }
+                    }
+                    appended += records;
+                    metrics.wal.records.fetch_add(records, Ordering::Relaxed);
+                    metrics.wal.bytes.fetch_add(bytes, Ordering::Relaxed);
+                    done.push(buf);
                     if done.len() >= COMMIT_EVERY {
                         break;
                     }
@@ -132,9 +124,9 @@ impl WalSink {
                         // Written to the OS: survives the process (fsync by the durability).
                         c.logged_seq.store(s, Ordering::Release);
                     }
-                    for mut batch in done.drain(..) {
-                        batch.clear();
-                        let _ = to_publisher.push(batch);
+                    for mut buf in done.drain(..) {
+                        buf.clear();
+                        let _ = to_publisher.push(buf);
                     }
                 } else if st.load(Ordering::Acquire) {
                     wal.commit()?;
@@ -173,11 +165,10 @@ impl WalSink {
         Ok(WalSink { full, empty, stop, parked, thread: Some(thread) })
     }
 
-    /// Hands the data frames of a sent sample to the WAL thread, encoded as log records; waits for
-    /// a free batch if all are in flight. Fails if the WAL thread has stopped (its error is
-    /// returned), or if the sample does not decode or its seqs do not follow each other.
+    /// Hands a sent sample to the WAL thread; waits for a free buffer if all are in flight. Fails
+    /// if the WAL thread has stopped (its error is returned).
     pub fn submit(&mut self, sample: &[u8]) -> Result<(), WalSinkError> {
-        let mut batch = loop {
+        let mut buf = loop {
             match self.empty.pop() {
                 Ok(b) => break b,
                 Err(_) => {
@@ -188,14 +179,9 @@ impl WalSink {
                 }
             }
         };
-        let encoded = encode_frames(sample, &mut batch);
-        if encoded.is_err() {
-            batch.clear();
-        }
-        // Invariant: batches circulate, so the full queue always has room for one we popped (an
-        // empty one, after a failure, only comes back).
-        let _ = self.full.push(batch);
-        encoded?;
+        buf.extend_from_slice(sample);
+        // Invariant: buffers circulate, so the full queue always has room for one we popped.
+        let _ = self.full.push(buf);
         std::sync::atomic::fence(Ordering::SeqCst);
         if self.parked.load(Ordering::SeqCst) {
             self.wake();

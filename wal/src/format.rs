@@ -76,13 +76,6 @@ pub(crate) fn record_crc(seq: Seq, payload: &[u8]) -> u32 {
     crc32c::crc32c_append(crc32c::crc32c(&seq.to_le_bytes()), payload)
 }
 
-/// Appends one whole record (header, payload, zero padding) to `out`.
-pub(crate) fn encode_record(seq: Seq, payload: &[u8], out: &mut Vec<u8>) {
-    out.extend_from_slice(&record_header(seq, payload));
-    out.extend_from_slice(payload);
-    out.resize(out.len() + pad(payload.len()) - payload.len(), 0);
-}
-
 pub(crate) fn record_header(seq: Seq, payload: &[u8]) -> [u8; RECORD_HEADER_LEN] {
     let mut h = [0u8; RECORD_HEADER_LEN];
     h[0..4].copy_from_slice(&(payload.len() as u32).to_le_bytes());

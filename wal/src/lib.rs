@@ -14,9 +14,7 @@ mod writer;
 
 pub use format::{Durability, DurabilityParseError, RECORD_ALIGN, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN};
 pub use reader::{check, Corruption, RecordRef, WalReadError, WalReader};
-pub use writer::{
-    RecordBatch, RecoveryReport, RetentionPolicy, Truncation, Wal, WalAppendError, WalOpenError, WalOptions,
-};
+pub use writer::{RecoveryReport, RetentionPolicy, Truncation, Wal, WalAppendError, WalOpenError, WalOptions};
 
 /// The segment files in `dir` now (0 if it cannot be read).
 pub fn segment_count(dir: &std::path::Path) -> usize {

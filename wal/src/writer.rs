@@ -10,8 +10,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::format::{
-    encode_record, index_path, le_u32, le_u64, pad, record_header, segment_path, Durability, SegmentHeader,
-    INDEX_EVERY, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN,
+    index_path, pad, record_header, segment_path, Durability, SegmentHeader, INDEX_EVERY, RECORD_HEADER_LEN,
+    SEGMENT_HEADER_LEN,
 };
 use crate::reader::{list_segments, Scanner, Step, WalReadError};
 use crate::Seq;
@@ -87,62 +87,6 @@ pub enum WalAppendError {
     OutOfSequence { expected: Seq, got: Seq },
     #[error("record of {0} bytes is too large")]
     TooLarge(usize),
-}
-
-/// Records encoded ahead of the log, for [`Wal::append_records`]: whole records in the log's
-/// format (header with CRC32C, payload, padding), in consecutive seqs. Building them costs the
-/// checksum and a copy; a producer that builds them on its own thread takes that work off the
-/// thread that writes the log, which then only copies them out. Reused with [`clear`](Self::clear),
-/// it does not allocate once it has grown to its largest batch.
-#[derive(Debug, Default)]
-pub struct RecordBatch {
-    bytes: Vec<u8>,
-    first: Seq,
-    records: u64,
-    payload_bytes: u64,
-}
-
-impl RecordBatch {
-    pub fn with_capacity(bytes: usize) -> RecordBatch {
-        RecordBatch { bytes: Vec::with_capacity(bytes), ..RecordBatch::default() }
-    }
-
-    /// Encodes one record; its seq must follow the batch's last one.
-    pub fn push(&mut self, seq: Seq, payload: &[u8]) -> Result<(), WalAppendError> {
-        if payload.len() > crate::format::MAX_PAYLOAD as usize {
-            return Err(WalAppendError::TooLarge(payload.len()));
-        }
-        if self.records == 0 {
-            self.first = seq;
-        } else if seq != self.first + self.records {
-            return Err(WalAppendError::OutOfSequence { expected: self.first + self.records, got: seq });
-        }
-        encode_record(seq, payload, &mut self.bytes);
-        self.records += 1;
-        self.payload_bytes += payload.len() as u64;
-        Ok(())
-    }
-
-    pub fn clear(&mut self) {
-        self.bytes.clear();
-        self.records = 0;
-        self.payload_bytes = 0;
-    }
-
-    /// Records in the batch.
-    pub fn records(&self) -> u64 {
-        self.records
-    }
-
-    /// Their payload bytes (what the records carry, headers and padding not counted).
-    pub fn payload_bytes(&self) -> u64 {
-        self.payload_bytes
-    }
-
-    /// The seq of the last record, if any.
-    pub fn last_seq(&self) -> Option<Seq> {
-        (self.records > 0).then(|| self.first + self.records - 1)
-    }
 }
 
 /// Data syncs of the `interval` policy, on a thread of their own: the appending thread goes on
@@ -398,48 +342,6 @@ impl Wal {
         self.segment_len += size;
         self.records_in_segment += 1;
         self.next_seq = Some(seq + 1);
-        self.unsynced = true;
-        Ok(())
-    }
-
-    /// Appends the records of `batch` (buffered; durable per policy after
-    /// [`commit`](Self::commit)), exactly as [`append`](Self::append) would one by one: the index
-    /// and segment rolls are done per record, but the records are copied out as they are, in
-    /// runs, with no checksum computed here.
-    pub fn append_records(&mut self, batch: &RecordBatch) -> Result<(), WalAppendError> {
-        if batch.records == 0 {
-            return Ok(());
-        }
-        if let Some(expected) = self.next_seq {
-            if batch.first != expected {
-                return Err(WalAppendError::OutOfSequence { expected, got: batch.first });
-            }
-        }
-        let b = &batch.bytes;
-        // Start of the records not yet handed to the file.
-        let mut run = 0;
-        let mut at = 0;
-        while at < b.len() {
-            // Invariant: `push` wrote whole records, so each header is there and tells the size.
-            let size = RECORD_HEADER_LEN + pad(le_u32(b, at) as usize);
-            let seq = le_u64(b, at + 8);
-            let roll = (self.records_in_segment > 0 && self.segment_len + size as u64 > self.options.segment_bytes)
-                || (self.records_in_segment == 0 && self.next_seq.is_none() && seq != 1);
-            if roll {
-                self.file.write_all(&b[run..at]).map_err(append_err(&self.path))?;
-                run = at;
-                self.roll(seq)?;
-            }
-            if self.records_in_segment.is_multiple_of(INDEX_EVERY) {
-                self.index.write_all(&seq.to_le_bytes()).map_err(append_err(&self.path))?;
-                self.index.write_all(&self.segment_len.to_le_bytes()).map_err(append_err(&self.path))?;
-            }
-            self.segment_len += size as u64;
-            self.records_in_segment += 1;
-            self.next_seq = Some(seq + 1);
-            at += size;
-        }
-        self.file.write_all(&b[run..]).map_err(append_err(&self.path))?;
         self.unsynced = true;
         Ok(())
     }

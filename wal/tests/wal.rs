@@ -5,9 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use mdbus_wal::{
-    check, Durability, RecordBatch, RetentionPolicy, Wal, WalAppendError, WalOptions, WalReadError, WalReader,
-};
+use mdbus_wal::{check, Durability, RetentionPolicy, Wal, WalOptions, WalReadError, WalReader};
 
 struct Dir(PathBuf);
 impl Dir {
@@ -83,67 +81,6 @@ fn records_round_trip_across_segments_and_appending_resumes_after_reopen() {
     }
     let (records, problems) = check(&d.0).unwrap();
     assert_eq!((records, problems.len()), (3100, 0));
-}
-
-/// Every file of a log folder, by name, with its bytes.
-fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap()))
-        .collect();
-    v.sort();
-    v
-}
-
-#[test]
-fn records_appended_in_batches_make_the_same_files_as_one_by_one() {
-    // Small segments: batches straddle rolls; 3000 records: many index entries; a log that
-    // starts past 1 names its first segment after its first seq.
-    for first in [1u64, 5] {
-        let (one, batched) = (Dir::new("one"), Dir::new("batched"));
-        let last = first + 2999;
-        write(&one.0, first..=last, 64 * 1024);
-        let (mut w, _) = Wal::open(&batched.0, opts(64 * 1024)).unwrap();
-        let mut batch = RecordBatch::with_capacity(4096);
-        let mut s = first;
-        // Batches of 1, 2, …, 60 records, as samples of different sizes would give.
-        for n in (1..=60u64).cycle() {
-            if s > last {
-                break;
-            }
-            batch.clear();
-            for seq in s..=(s + n - 1).min(last) {
-                batch.push(seq, &payload(seq)).unwrap();
-            }
-            assert_eq!(batch.last_seq(), Some((s + n - 1).min(last)));
-            w.append_records(&batch).unwrap();
-            w.commit().unwrap();
-            s += n;
-        }
-        drop(w);
-        assert!(segments(&batched.0).len() > 5, "rolled by size");
-        assert_eq!(files(&batched.0), files(&one.0), "first seq {first}");
-    }
-}
-
-#[test]
-fn a_batch_out_of_sequence_is_refused_and_leaves_the_log_as_it_was() {
-    let d = Dir::new("batchseq");
-    write(&d.0, 1..=10, 1 << 20);
-    let (mut w, _) = Wal::open(&d.0, opts(1 << 20)).unwrap();
-    let mut batch = RecordBatch::default();
-    batch.push(12, b"x").unwrap();
-    assert!(matches!(batch.push(14, b"y"), Err(WalAppendError::OutOfSequence { expected: 13, got: 14 })));
-    assert!(matches!(w.append_records(&batch), Err(WalAppendError::OutOfSequence { expected: 11, got: 12 })));
-    batch.clear();
-    batch.push(11, b"z").unwrap();
-    w.append_records(&batch).unwrap();
-    w.commit().unwrap();
-    drop(w);
-    let all = read_all(&d.0);
-    assert_eq!(all.len(), 11);
-    assert_eq!(all[10], (11, b"z".to_vec()));
 }
 
 #[test]
