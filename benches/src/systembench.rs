@@ -31,8 +31,8 @@ pub(crate) fn spawn_broker(o: &BenchOptions, bus: &str, args: &[&str], tmp: &Pat
     let mut cmd = Command::new(&o.exe);
     cmd.args(["broker", "--bus", bus, "--wait-subscribers", "1"]);
     if o.pin {
-        // The ingest/publish thread, which aggregates too (the default, 0 workers); the broker
-        // keeps its other threads (the log's) off that core; the reader is left to the scheduler.
+        // The ingest/publish thread, which aggregates too (the default, 0 workers); the broker's
+        // other threads (the log's) and the reader are left to the scheduler.
         cmd.args(["--core", "0"]);
     }
     cmd.args(args)
