@@ -268,10 +268,7 @@ pub fn run_scenario(scenario: &str, o: &BenchOptions) -> Result<ScenarioReport, 
                     match &mut merged[i] {
                         Some((acc, rep)) => {
                             let _ = acc.add(&h);
-                            rep.received += r.received;
-                            rep.lost += r.lost;
-                            rep.out_of_order += r.out_of_order;
-                            rep.elapsed_s += r.elapsed_s;
+                            rep.add_round(&r);
                         }
                         slot => *slot = Some((h, r)),
                     }
@@ -308,12 +305,7 @@ pub fn run_scenario(scenario: &str, o: &BenchOptions) -> Result<ScenarioReport, 
                     let (_, t, c) = transports[i];
                     let r = run_pair(&o.exe, &base(t, Mode::Throughput, (c / rounds as u64).max(1)), pin)?;
                     match &mut merged[i] {
-                        Some(acc) => {
-                            acc.received += r.received;
-                            acc.lost += r.lost;
-                            acc.out_of_order += r.out_of_order;
-                            acc.elapsed_s += r.elapsed_s;
-                        }
+                        Some(acc) => acc.add_round(&r),
                         slot => *slot = Some(r),
                     }
                 }

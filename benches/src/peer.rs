@@ -103,6 +103,17 @@ pub struct PeerReport {
     pub hist_hex: String,
 }
 
+impl PeerReport {
+    /// Adds another round's counts and time (rounds of one transport are merged this way; the
+    /// latency histogram is merged by the caller).
+    pub fn add_round(&mut self, r: &PeerReport) {
+        self.received += r.received;
+        self.lost += r.lost;
+        self.out_of_order += r.out_of_order;
+        self.elapsed_s += r.elapsed_s;
+    }
+}
+
 /// The size of one message on every transport: one encoded K-line frame.
 pub fn payload_len() -> usize {
     encoded_frame_len(FrameKind::Kline)

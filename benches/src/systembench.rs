@@ -84,8 +84,9 @@ fn run_to_end(
             break Err(err(tag, format!("the broker exited: {status}")));
         }
         // The reader drains what is queued, then sleeps 0.5 ms: a reader that spins or is woken
-        // for every sample would take its CPU from the broker on two cores (the stream queues 256
-        // samples, ~7 ms at 3 M trades/s, so nothing is lost to the naps; `lost` would show it).
+        // for every sample would take its CPU from the broker on two cores. The stream queues 256
+        // samples (~7 ms at 3 M trades/s), far more than a nap; whatever the reader still misses
+        // (lagging a faster stream) shows in `lost`.
         match reader.next_batch(WaitMode::Poll, |f| {
             match f.kind() {
                 FrameKind::Trade => trades += 1,
