@@ -310,12 +310,13 @@ impl Batcher {
     fn send(&mut self) -> Result<usize, BrokerRunError> {
         self.writer.set_publish_time(now_ns());
         let reached = self.publisher.send(self.writer.as_bytes())?;
-        if let Some(w) = self.wal.as_mut() {
-            w.submit(self.writer.as_bytes())?;
-        }
         self.report.samples += 1;
         self.report.frames += self.writer.frames() as u64;
         self.report.bytes += self.writer.len() as u64;
+        if let Some(w) = self.wal.as_mut() {
+            // The writer's buffer goes to the log as it is; the writer goes on with an empty one.
+            w.submit(&mut self.writer)?;
+        }
         self.report.max_subscribers_seen = self.report.max_subscribers_seen.max(reached);
         // Once per sample, plain stores from this thread only: the scrape thread reads them.
         let m = &*self.metrics;

@@ -1,19 +1,20 @@
 //! The WAL writer thread: every published sample's data frames go to the write-ahead log, off the
 //! publish thread.
 //!
-//! Upstream: the publish thread hands over each sent sample through [`WalSink::submit`]: a copy
-//! into a buffer from a fixed pool, passed over an SPSC queue (empty buffers come back on a second
-//! one, so nothing is allocated once warm). When every buffer is in flight the publish thread
-//! waits: the log never drops a frame. Downstream: `mdbus_wal::Wal` — one record per data frame
-//! (heartbeats carry no seq of their own and are not logged), one group commit per sample, then
-//! retention.
+//! Upstream: the publish thread hands over each sent sample through [`WalSink::submit`]: its
+//! frame writer's buffer itself, swapped for an empty one from a fixed pool (no copy), passed over
+//! an SPSC queue (empty buffers come back on a second one, so nothing is allocated once warm).
+//! When every buffer is in flight the publish thread waits: the log never drops a frame.
+//! Downstream: `mdbus_wal::Wal` — one record per data frame (heartbeats carry no seq of their own
+//! and are not logged), one group commit per run of waiting samples, then retention.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use mdbus_schema::{FrameIter, FrameKind};
+use mdbus_schema::frame::FrameBuffer;
+use mdbus_schema::{FrameIter, FrameKind, FrameWriter};
 use mdbus_wal::{RetentionPolicy, Wal, WalAppendError};
 use rtrb::{Consumer, Producer, RingBuffer};
 
@@ -21,8 +22,8 @@ use crate::metrics::BrokerMetrics;
 
 /// The publish thread's end of the WAL thread.
 pub struct WalSink {
-    full: Producer<Vec<u8>>,
-    empty: Consumer<Vec<u8>>,
+    full: Producer<FrameBuffer>,
+    empty: Consumer<FrameBuffer>,
     stop: Arc<AtomicBool>,
     /// Set by the WAL thread just before it parks on an empty queue: the publish thread then
     /// unparks it after its next hand-over (an idle broker's log thread costs no CPU).
@@ -47,8 +48,10 @@ pub enum WalSinkError {
     Frame(mdbus_schema::FrameDecodeError),
 }
 
-/// At most this many samples per commit (a commit also hands their buffers back).
-const COMMIT_EVERY: usize = 32;
+/// At most this many samples per commit (a commit also hands their buffers back). At full load
+/// that is a few ms of samples, written in writes of up to the log's 1 MiB buffer: per byte,
+/// the kernel's buffered write and the syncs cost less in large writes than in 64 KiB ones.
+const COMMIT_EVERY: usize = 128;
 /// Finding the queue empty within this long of its last commit, the thread naps for [`GATHER`]
 /// instead of parking: under load samples arrive every few tens of µs.
 const BUSY_FOR: Duration = Duration::from_millis(2);
@@ -69,11 +72,11 @@ impl WalSink {
         acked_floor: bool,
         metrics: Arc<BrokerMetrics>,
     ) -> Result<WalSink, WalThreadStartError> {
-        let (full, mut from_publisher) = RingBuffer::<Vec<u8>>::new(buffers);
-        let (mut to_publisher, empty) = RingBuffer::<Vec<u8>>::new(buffers);
+        let (full, mut from_publisher) = RingBuffer::<FrameBuffer>::new(buffers);
+        let (mut to_publisher, empty) = RingBuffer::<FrameBuffer>::new(buffers);
         for _ in 0..buffers {
             // Invariant: the queue has room for exactly `buffers` entries.
-            let _ = to_publisher.push(Vec::with_capacity(buffer_bytes));
+            let _ = to_publisher.push(FrameBuffer::with_capacity(buffer_bytes));
         }
         let stop = Arc::new(AtomicBool::new(false));
         let st = Arc::clone(&stop);
@@ -84,7 +87,7 @@ impl WalSink {
             let mut last_retention = Instant::now();
             // Buffers appended since the last commit: every sample waiting is appended, then one
             // commit (one write and at most one sync) covers them all.
-            let mut done: Vec<Vec<u8>> = Vec::with_capacity(buffers);
+            let mut done: Vec<FrameBuffer> = Vec::with_capacity(buffers);
             let mut last_work = Instant::now();
             let mut seen_syncs = 0u64;
             loop {
@@ -165,10 +168,11 @@ impl WalSink {
         Ok(WalSink { full, empty, stop, parked, thread: Some(thread) })
     }
 
-    /// Hands a sent sample to the WAL thread; waits for a free buffer if all are in flight. Fails
-    /// if the WAL thread has stopped (its error is returned).
-    pub fn submit(&mut self, sample: &[u8]) -> Result<(), WalSinkError> {
-        let mut buf = loop {
+    /// Hands a sent sample, the frames in `writer`, to the WAL thread: the writer's buffer goes
+    /// and it is left empty with one from the pool. Waits for a free buffer if all are in flight.
+    /// Fails if the WAL thread has stopped (its error is returned).
+    pub fn submit(&mut self, writer: &mut FrameWriter) -> Result<(), WalSinkError> {
+        let spare = loop {
             match self.empty.pop() {
                 Ok(b) => break b,
                 Err(_) => {
@@ -179,7 +183,7 @@ impl WalSink {
                 }
             }
         };
-        buf.extend_from_slice(sample);
+        let buf = writer.swap_buffer(spare);
         // Invariant: buffers circulate, so the full queue always has room for one we popped.
         let _ = self.full.push(buf);
         std::sync::atomic::fence(Ordering::SeqCst);
@@ -254,7 +258,7 @@ mod tests {
         let mut sink = WalSink::start(wal, 4, 1024, RetentionPolicy::default(), false, Arc::clone(&metrics)).unwrap();
         let start = Instant::now();
         for seq in 1..=20u64 {
-            sink.submit(sample(seq).as_bytes()).unwrap();
+            sink.submit(&mut sample(seq)).unwrap();
             // The thread logs it (woken by the hand-over, not by its 1 s safety timeout).
             let t0 = Instant::now();
             while metrics.wal.logged_seq.load(Ordering::Acquire) < seq {

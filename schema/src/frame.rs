@@ -44,6 +44,9 @@ pub const FRAME_ALIGN: usize = 16;
 /// Largest body accepted by the decoder (bodies are ~200 bytes; this bounds garbage).
 pub const MAX_BODY_LEN: u32 = 64 * 1024;
 
+/// The bytes of a sample of frames, aligned as frames need (see [`FrameWriter::swap_buffer`]).
+pub type FrameBuffer = AlignedVec<FRAME_ALIGN>;
+
 /// What a frame's body is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
@@ -414,6 +417,15 @@ impl FrameWriter {
     pub fn clear(&mut self) {
         self.buf.clear();
         self.frames = 0;
+    }
+
+    /// Hands over the written frames without copying them: returns this writer's buffer and goes
+    /// on, empty, with `spare` (cleared here). A pool of buffers circulating this way lets a
+    /// consumer such as a log thread take whole samples at no cost to the writing thread.
+    pub fn swap_buffer(&mut self, mut spare: FrameBuffer) -> FrameBuffer {
+        spare.clear();
+        self.frames = 0;
+        std::mem::replace(&mut self.buf, spare)
     }
 
     fn push_with<F>(&mut self, mut header: FrameHeader, serialize: F) -> Result<usize, FrameEncodeError>

@@ -272,3 +272,21 @@ fn snapshot_marks_round_trip_and_render_as_json() {
     let bad = aligned(&bad);
     assert!(mdbus_schema::FrameRef::parse(&bad).unwrap().snapshot_mark().is_err());
 }
+
+/// A swapped-out buffer holds exactly the frames written so far; the writer goes on from empty in
+/// the spare buffer (its old contents cleared), and frames written there start a fresh sample.
+#[test]
+fn swapping_the_buffer_hands_over_the_frames_and_leaves_the_writer_empty() {
+    let mut w = encoded();
+    let mut spare = mdbus_schema::frame::FrameBuffer::with_capacity(1024);
+    spare.extend_from_slice(b"stale bytes of an earlier sample");
+    let full = w.swap_buffer(spare);
+    assert_eq!(hex(&full), GOLDEN);
+    assert!(w.is_empty());
+    assert_eq!(w.frames(), 0);
+    assert!(w.as_bytes().as_ptr() as usize % mdbus_schema::frame::FRAME_ALIGN == 0);
+    w.push_trade(hdr(FrameKind::Trade, 9), &trade()).unwrap();
+    assert_eq!(w.frames(), 1);
+    let seqs: Vec<u64> = FrameIter::new(w.as_bytes()).map(|f| f.unwrap().seq()).collect();
+    assert_eq!(seqs, vec![9]);
+}

@@ -160,6 +160,10 @@ impl Drop for Syncer {
     }
 }
 
+/// Appended records are buffered up to this many bytes between writes to the segment file (a
+/// commit writes whatever is buffered). Large writes cost the kernel less per byte.
+const WRITE_BUFFER: usize = 1 << 20;
+
 /// The appending end of a log directory (one writer per directory).
 #[derive(Debug)]
 pub struct Wal {
@@ -298,7 +302,7 @@ impl Wal {
             syncer,
             inline_syncs: 0,
             last_sync_micros: 0,
-            file: BufWriter::with_capacity(1 << 16, Arc::new(file)),
+            file: BufWriter::with_capacity(WRITE_BUFFER, Arc::new(file)),
             index: BufWriter::with_capacity(4096, idx),
             segment_len,
             records_in_segment: records,
@@ -408,7 +412,7 @@ impl Wal {
             let _ = std::fs::remove_file(&old);
         }
         self.path = path;
-        self.file = BufWriter::with_capacity(1 << 16, Arc::new(file));
+        self.file = BufWriter::with_capacity(WRITE_BUFFER, Arc::new(file));
         self.index = BufWriter::with_capacity(4096, idx);
         self.segment_len = SEGMENT_HEADER_LEN as u64;
         self.records_in_segment = 0;
