@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::format::{
-    index_path, pad, record_header, segment_path, Durability, SegmentHeader, INDEX_EVERY, RECORD_HEADER_LEN,
+    encode_record, index_path, pad, segment_path, Durability, SegmentHeader, INDEX_EVERY, RECORD_HEADER_LEN,
     SEGMENT_HEADER_LEN,
 };
 use crate::reader::{list_segments, Scanner, Step, WalReadError};
@@ -171,7 +171,10 @@ pub struct Wal {
     options: WalOptions,
     path: PathBuf,
     /// Shared with the background syncs (`interval`), which sync the same open file.
-    file: BufWriter<Arc<File>>,
+    file: Arc<File>,
+    /// Records appended since the last write to `file` (written once past [`WRITE_BUFFER`], and
+    /// by every commit).
+    buf: Vec<u8>,
     syncer: Option<Syncer>,
     /// Data syncs done inline (every-batch policy, segment rolls); the syncer counts its own.
     inline_syncs: u64,
@@ -190,6 +193,15 @@ fn open_err(path: &Path) -> impl Fn(std::io::Error) -> WalOpenError + '_ {
 
 fn append_err(path: &Path) -> impl Fn(std::io::Error) -> WalAppendError + '_ {
     move |source| WalAppendError::Io { path: path.to_owned(), source }
+}
+
+/// Writes the appended records in `buf` to the segment file and empties it.
+fn drain_to(mut file: &File, buf: &mut Vec<u8>) -> std::io::Result<()> {
+    if !buf.is_empty() {
+        file.write_all(buf)?;
+        buf.clear();
+    }
+    Ok(())
 }
 
 fn create_segment(dir: &Path, base: Seq, stream_id: u32) -> std::io::Result<(PathBuf, File, File)> {
@@ -302,7 +314,8 @@ impl Wal {
             syncer,
             inline_syncs: 0,
             last_sync_micros: 0,
-            file: BufWriter::with_capacity(WRITE_BUFFER, Arc::new(file)),
+            file: Arc::new(file),
+            buf: Vec::with_capacity(WRITE_BUFFER + (64 << 10)),
             index: BufWriter::with_capacity(4096, idx),
             segment_len,
             records_in_segment: records,
@@ -339,10 +352,10 @@ impl Wal {
             self.index.write_all(&seq.to_le_bytes()).map_err(&e)?;
             self.index.write_all(&self.segment_len.to_le_bytes()).map_err(&e)?;
         }
-        self.file.write_all(&record_header(seq, payload)).map_err(&e)?;
-        self.file.write_all(payload).map_err(&e)?;
-        let zeros = [0u8; 16];
-        self.file.write_all(&zeros[..pad(payload.len()) - payload.len()]).map_err(&e)?;
+        encode_record(&mut self.buf, seq, payload);
+        if self.buf.len() >= WRITE_BUFFER {
+            drain_to(&self.file, &mut self.buf).map_err(&e)?;
+        }
         self.segment_len += size;
         self.records_in_segment += 1;
         self.next_seq = Some(seq + 1);
@@ -358,7 +371,7 @@ impl Wal {
             (_, Durability::None) => {}
             (Some(syncer), Durability::Interval(d)) => {
                 // Due and none running: start one in the background and go on writing.
-                if self.unsynced && self.last_sync.elapsed() >= d && syncer.request(self.file.get_ref()) {
+                if self.unsynced && self.last_sync.elapsed() >= d && syncer.request(&self.file) {
                     self.last_sync = Instant::now();
                     self.unsynced = false;
                 }
@@ -377,7 +390,7 @@ impl Wal {
     /// background sync that failed since the last call.
     fn write_out(&mut self) -> Result<(), WalAppendError> {
         let e = append_err(&self.path);
-        self.file.flush().map_err(&e)?;
+        drain_to(&self.file, &mut self.buf).map_err(&e)?;
         self.index.flush().map_err(&e)?;
         match self.syncer.as_ref().and_then(Syncer::take_error) {
             Some(source) => Err(e(source)),
@@ -387,7 +400,7 @@ impl Wal {
 
     fn sync_inline(&mut self) -> std::io::Result<()> {
         let t0 = Instant::now();
-        self.file.get_ref().sync_data()?;
+        self.file.sync_data()?;
         self.last_sync_micros = t0.elapsed().as_micros() as u64;
         self.last_sync = Instant::now();
         self.unsynced = false;
@@ -400,7 +413,7 @@ impl Wal {
         // have a torn tail. (Written out, not committed: a commit's data sync would only come
         // before this full one.)
         self.write_out()?;
-        self.file.get_ref().sync_all().map_err(append_err(&self.path))?;
+        self.file.sync_all().map_err(append_err(&self.path))?;
         self.index.get_ref().sync_all().map_err(append_err(&self.path))?;
         let empty_first = self.records_in_segment == 0;
         let old = self.path.clone();
@@ -412,7 +425,7 @@ impl Wal {
             let _ = std::fs::remove_file(&old);
         }
         self.path = path;
-        self.file = BufWriter::with_capacity(WRITE_BUFFER, Arc::new(file));
+        self.file = Arc::new(file);
         self.index = BufWriter::with_capacity(4096, idx);
         self.segment_len = SEGMENT_HEADER_LEN as u64;
         self.records_in_segment = 0;
@@ -474,7 +487,7 @@ impl Wal {
 
 impl Drop for Wal {
     fn drop(&mut self) {
-        let _ = self.file.flush();
+        let _ = drain_to(&self.file, &mut self.buf);
         let _ = self.index.flush();
     }
 }
