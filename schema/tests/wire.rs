@@ -284,7 +284,7 @@ fn swapping_the_buffer_hands_over_the_frames_and_leaves_the_writer_empty() {
     assert_eq!(hex(&full), GOLDEN);
     assert!(w.is_empty());
     assert_eq!(w.frames(), 0);
-    assert!(w.as_bytes().as_ptr() as usize % mdbus_schema::frame::FRAME_ALIGN == 0);
+    assert!((w.as_bytes().as_ptr() as usize).is_multiple_of(mdbus_schema::frame::FRAME_ALIGN));
     w.push_trade(hdr(FrameKind::Trade, 9), &trade()).unwrap();
     assert_eq!(w.frames(), 1);
     let seqs: Vec<u64> = FrameIter::new(w.as_bytes()).map(|f| f.unwrap().seq()).collect();
