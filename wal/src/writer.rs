@@ -195,12 +195,25 @@ fn append_err(path: &Path) -> impl Fn(std::io::Error) -> WalAppendError + '_ {
     move |source| WalAppendError::Io { path: path.to_owned(), source }
 }
 
-/// Writes the appended records in `buf` to the segment file and empties it.
+/// Writes the appended records in `buf` to the segment file and empties it. On an error, what
+/// was written is gone from `buf` and the rest stays: a later call goes on where this one stopped.
 fn drain_to(mut file: &File, buf: &mut Vec<u8>) -> std::io::Result<()> {
-    if !buf.is_empty() {
-        file.write_all(buf)?;
-        buf.clear();
+    let mut done = 0;
+    while done < buf.len() {
+        match file.write(&buf[done..]) {
+            Ok(0) => {
+                buf.drain(..done);
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                buf.drain(..done);
+                return Err(e);
+            }
+        }
     }
+    buf.clear();
     Ok(())
 }
 
@@ -353,13 +366,14 @@ impl Wal {
             self.index.write_all(&self.segment_len.to_le_bytes()).map_err(&e)?;
         }
         encode_record(&mut self.buf, seq, payload);
-        if self.buf.len() >= WRITE_BUFFER {
-            drain_to(&self.file, &mut self.buf).map_err(&e)?;
-        }
         self.segment_len += size;
         self.records_in_segment += 1;
         self.next_seq = Some(seq + 1);
         self.unsynced = true;
+        if self.buf.len() >= WRITE_BUFFER {
+            // The record is appended either way; a failed write leaves it buffered.
+            drain_to(&self.file, &mut self.buf).map_err(&e)?;
+        }
         Ok(())
     }
 
