@@ -328,6 +328,8 @@ impl Wal {
             inline_syncs: 0,
             last_sync_micros: 0,
             file: Arc::new(file),
+            // Room for the record that crosses the mark before the buffer is written (frames
+            // are far below 64 KiB; a bigger record just grows it).
             buf: Vec::with_capacity(WRITE_BUFFER + (64 << 10)),
             index: BufWriter::with_capacity(4096, idx),
             segment_len,
