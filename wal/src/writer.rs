@@ -199,22 +199,19 @@ fn append_err(path: &Path) -> impl Fn(std::io::Error) -> WalAppendError + '_ {
 /// was written is gone from `buf` and the rest stays: a later call goes on where this one stopped.
 fn drain_to(mut file: &File, buf: &mut Vec<u8>) -> std::io::Result<()> {
     let mut done = 0;
-    while done < buf.len() {
+    let result = loop {
+        if done == buf.len() {
+            break Ok(());
+        }
         match file.write(&buf[done..]) {
-            Ok(0) => {
-                buf.drain(..done);
-                return Err(std::io::ErrorKind::WriteZero.into());
-            }
+            Ok(0) => break Err(std::io::ErrorKind::WriteZero.into()),
             Ok(n) => done += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                buf.drain(..done);
-                return Err(e);
-            }
+            Err(e) => break Err(e),
         }
-    }
-    buf.clear();
-    Ok(())
+    };
+    buf.drain(..done);
+    result
 }
 
 fn create_segment(dir: &Path, base: Seq, stream_id: u32) -> std::io::Result<(PathBuf, File, File)> {
