@@ -21,7 +21,7 @@ pub mod report;
 pub mod systembench;
 pub mod walbench;
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -139,7 +139,8 @@ fn spawn_peer(exe: &Path, role: &str, spec: &PeerSpec) -> Result<std::process::C
         serde_json::to_string(spec).map_err(|e| BenchRunError::Peer { what: role.into(), detail: e.to_string() })?;
     Command::new(exe)
         .args(["bench-peer", "--role", role, "--spec", &json])
-        .stdin(Stdio::null())
+        // The publisher's `go` comes on stdin (`PeerSpec::handshake`).
+        .stdin(if role == "pub" { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -173,6 +174,31 @@ fn run_fanout(
         subs.push((sub, lines));
     }
     let mut publ = spawn_peer(exe, "pub", &pub_spec)?;
+    // Data flows once every subscriber has the publisher's first message (so has opened its side
+    // of the connection): see `PeerSpec::handshake`.
+    let mut failed = None;
+    for (i, (_, lines)) in subs.iter_mut().enumerate() {
+        let line = lines.next();
+        if !matches!(line, Some(Ok(ref l)) if l == "connected") {
+            failed = Some(format!("subscriber {i} did not connect: {line:?}"));
+            break;
+        }
+    }
+    if failed.is_none() && pub_spec.handshake {
+        let go = publ.stdin.take().map(|mut s| s.write_all(b"go\n"));
+        if !matches!(go, Some(Ok(()))) {
+            failed = Some(format!("cannot start the publisher: {go:?}"));
+        }
+    }
+    if let Some(detail) = failed {
+        let _ = publ.kill();
+        let _ = publ.wait();
+        for (mut s, _) in subs {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+        return Err(BenchRunError::Peer { what, detail });
+    }
     let pub_line = publ.stdout.take().and_then(|o| BufReader::new(o).lines().next());
     let pub_status = publ.wait().map_err(|source| BenchRunError::Spawn { what: what.clone(), source })?;
     let pub_report: PeerReport = match pub_line {
@@ -199,6 +225,25 @@ fn run_fanout(
         );
     }
     Ok((reports, pub_report))
+}
+
+/// Each subscriber's lag (a sample's age when it read it: publish → first frame read) as a note,
+/// p50 and p99 as ranges over the subscribers; the row keeps the worst subscriber's p50 and p99.
+fn lag_note(reports: &[PeerReport], row: &mut Row) -> String {
+    let us = |ns: u64| ns as f64 / 1e3;
+    let range = |f: fn(&PeerReport) -> u64| {
+        let v: Vec<u64> = reports.iter().map(f).collect();
+        (v.iter().copied().min().unwrap_or(0), v.iter().copied().max().unwrap_or(0))
+    };
+    let ((p50_lo, p50_hi), (p99_lo, p99_hi)) = (range(|r| r.p50_ns), range(|r| r.p99_ns));
+    (row.p50_ns, row.p99_ns) = (p50_hi, p99_hi);
+    format!(
+        "lag per subscriber (publish → read): p50 {:.0}–{:.0} µs, p99 {:.0}–{:.0} µs",
+        us(p50_lo),
+        us(p50_hi),
+        us(p99_lo),
+        us(p99_hi)
+    )
 }
 
 /// Runs one publisher/subscriber pair and returns the subscriber's report.
@@ -242,6 +287,7 @@ pub fn run_scenario(scenario: &str, o: &BenchOptions) -> Result<ScenarioReport, 
         subscribers: 1,
         block: false,
         lossy: false,
+        handshake: true,
     };
     let mut rows = Vec::new();
     match scenario {
@@ -344,9 +390,10 @@ pub fn run_scenario(scenario: &str, o: &BenchOptions) -> Result<ScenarioReport, 
                 );
                 rw.lost = received.iter().map(|r| count - r.min(&count)).sum();
                 rw.note = format!(
-                    "each subscriber read {:.0}–{:.0} % of the frames; the rest were overwritten before it read them (its seq tracking counts them)",
+                    "each subscriber read {:.0}–{:.0} % of the frames; the rest were overwritten before it read them (its seq tracking counts them); {}",
                     lo as f64 * 100.0 / count as f64,
-                    hi as f64 * 100.0 / count as f64
+                    hi as f64 * 100.0 / count as f64,
+                    lag_note(&reports, &mut rw)
                 );
                 lossy.push(rw);
             }
@@ -376,10 +423,11 @@ pub fn run_scenario(scenario: &str, o: &BenchOptions) -> Result<ScenarioReport, 
                     if n == 1 { " (baseline)" } else { "s" }
                 );
                 rw.note = format!(
-                    "{received} frames delivered in all; per subscriber {:.2}–{:.2} M frames/s; last one done {:.0} ms after the first",
+                    "{received} frames delivered in all; per subscriber {:.2}–{:.2} M frames/s; last one done {:.0} ms after the first; {}",
                     count as f64 / slowest.max(1e-9) / 1e6,
                     count as f64 / fastest.max(1e-9) / 1e6,
-                    (slowest - fastest) * 1e3
+                    (slowest - fastest) * 1e3,
+                    lag_note(&reports, &mut rw)
                 );
                 rows.push(rw);
             }

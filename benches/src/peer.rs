@@ -81,6 +81,14 @@ pub struct PeerSpec {
     /// never waits; a subscriber that falls behind loses the oldest samples and counts them).
     #[serde(default)]
     pub lossy: bool,
+    /// Publisher: once its first message reaches every subscriber, wait for a `go` line on stdin
+    /// before sending data. The orchestrator sends it when every subscriber has said `connected`
+    /// (it has received that first message). iceoryx2 drops a sample, silently and even on a
+    /// lossless stream, when a subscriber's queue is full before the subscriber has opened its
+    /// side of the connection (its first `receive`); without this wait, a subscriber slow to be
+    /// scheduled lost the start of the stream.
+    #[serde(default)]
+    pub handshake: bool,
 }
 
 fn one() -> usize {
@@ -94,6 +102,8 @@ pub struct PeerReport {
     pub lost: u64,
     pub out_of_order: u64,
     pub elapsed_s: f64,
+    /// Latency mode: publish → receive of every message. Throughput mode (mdbus): the lag of
+    /// each sample, publish → its first frame read.
     pub p50_ns: u64,
     pub p99_ns: u64,
     pub p999_ns: u64,
@@ -253,6 +263,12 @@ impl Recorder {
             }
         }
     }
+    /// Throughput mode: the age of a sample when its first frame is read (publish → read), once
+    /// per sample, into the histogram (latency mode records every message in [`on`](Self::on)).
+    fn lag(&mut self, sent_ns: u64) {
+        let _ = self.hist.record(now_ns().saturating_sub(sent_ns).max(1));
+    }
+
     fn report(&self) -> PeerReport {
         let h = &self.hist;
         PeerReport {
@@ -291,6 +307,19 @@ pub fn decode_hist(hex: &str) -> Option<Histogram<u64>> {
     hdrhistogram::serialization::Deserializer::new().deserialize(&mut &bytes?[..]).ok()
 }
 
+/// With [`PeerSpec::handshake`], blocks until the orchestrator's `go` line on stdin.
+fn await_go(spec: &PeerSpec) -> Result<(), PeerError> {
+    if !spec.handshake {
+        return Ok(());
+    }
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).map_err(|e| PeerError::Other(format!("reading stdin: {e}")))?;
+    if line.trim() != "go" {
+        return Err(PeerError::Other(format!("expected `go` on stdin, got {line:?}")));
+    }
+    Ok(())
+}
+
 /// Runs the publishing side. Waits for the subscriber, sends `count` messages (seq 0..count),
 /// then the end marker. Returns its own report: messages sent and the time from the first send
 /// to the last.
@@ -320,6 +349,7 @@ pub fn run_publisher(spec: &PeerSpec) -> Result<PeerReport, PeerError> {
                 }
                 std::thread::sleep(Duration::from_millis(5));
             }
+            await_go(spec)?;
             w.clear();
             let batch = matches!(spec.mode, Mode::Throughput);
             let sym = Symbol::new("BTCUSDT").map_err(|e| PeerError::Other(e.to_string()))?;
@@ -384,6 +414,7 @@ pub fn run_publisher(spec: &PeerSpec) -> Result<PeerReport, PeerError> {
             while send(END - 1, 0)? == 0 {
                 std::thread::sleep(Duration::from_millis(5));
             }
+            await_go(spec)?;
             let mut i = 0;
             while i < spec.count {
                 pacer.wait();
@@ -400,6 +431,7 @@ pub fn run_publisher(spec: &PeerSpec) -> Result<PeerReport, PeerError> {
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
                 }
             };
+            await_go(spec)?;
             let mut buf = vec![0u8; payload_len()];
             let err = |source| PeerError::Socket { path: spec.socket.clone(), source };
             for i in 0..spec.count {
@@ -441,9 +473,10 @@ fn raw_service(bus: &str, s: StreamSettings) -> Result<(Node<ipc::Service>, RawS
     Ok((node, service))
 }
 
-/// Runs the receiving side; prints `ready` on stdout once subscribed, returns the report after
+/// Runs the receiving side; calls `say("ready")` once subscribed and `say("connected")` once the
+/// publisher's first message has arrived (see [`PeerSpec::handshake`]); returns the report after
 /// the end marker.
-pub fn run_subscriber(spec: &PeerSpec, ready: impl FnOnce()) -> Result<PeerReport, PeerError> {
+pub fn run_subscriber(spec: &PeerSpec, mut say: impl FnMut(&str)) -> Result<PeerReport, PeerError> {
     pin(spec.core);
     let mut rec = Recorder::new(spec.mode);
     let timed = matches!(spec.mode, Mode::Latency { .. });
@@ -457,10 +490,12 @@ pub fn run_subscriber(spec: &PeerSpec, ready: impl FnOnce()) -> Result<PeerRepor
                 .kind(FrameKind::Heartbeat);
             let mut reader =
                 Reader::open(&spec.bus, BENCH_STREAM, opts).map_err(|e| PeerError::Other(e.to_string()))?;
-            ready();
+            say("ready");
             let mut done = false;
             let mut bad = 0u64;
             let mut stamped = false;
+            let mut connected = false;
+            let mut sample_ts = 0i64;
             let wait = if spec.block {
                 WaitMode::Block(Duration::from_millis(10))
             } else {
@@ -475,17 +510,29 @@ pub fn run_subscriber(spec: &PeerSpec, ready: impl FnOnce()) -> Result<PeerRepor
                                 stamped = true;
                             }
                             let _ = k.close.to_native();
-                            rec.on(f.seq() - 1, timed.then_some(f.header.ts_publish_ns as u64));
+                            let ts = f.header.ts_publish_ns;
+                            if !timed && ts != sample_ts {
+                                // The first frame of a sample (each carries its own publish time).
+                                sample_ts = ts;
+                                rec.lag(ts as u64);
+                            }
+                            rec.on(f.seq() - 1, timed.then_some(ts as u64));
                         }
                         Err(_) => bad += 1,
                     },
-                    _ => {
-                        if f.heartbeat().is_ok_and(|h| h.feed_state == FeedState::Ended as u8) {
+                    _ => match f.heartbeat().map(|h| h.feed_state) {
+                        Ok(s) if s == FeedState::Ended as u8 => {
                             // The end marker: the last frame's arrival time.
                             rec.stamp();
                             done = true;
                         }
-                    }
+                        Ok(_) if !connected => {
+                            // The publisher's first heartbeat: this side of the connection is open.
+                            connected = true;
+                            say("connected");
+                        }
+                        _ => {}
+                    },
                 })?;
             }
             if bad > 0 {
@@ -500,7 +547,8 @@ pub fn run_subscriber(spec: &PeerSpec, ready: impl FnOnce()) -> Result<PeerRepor
                 .buffer_size(settings.subscriber_buffer)
                 .create()
                 .map_err(|e| PeerError::Iox2(format!("{e:?}")))?;
-            ready();
+            say("ready");
+            let mut connected = false;
             loop {
                 let Some(s) = sub.receive().map_err(|e| PeerError::Iox2(format!("{e:?}")))? else {
                     std::hint::spin_loop();
@@ -514,6 +562,10 @@ pub fn run_subscriber(spec: &PeerSpec, ready: impl FnOnce()) -> Result<PeerRepor
                     break;
                 }
                 if seq == END - 1 {
+                    if !connected {
+                        connected = true;
+                        say("connected");
+                    }
                     continue;
                 }
                 a.copy_from_slice(&p[8..16]);
@@ -535,8 +587,9 @@ pub fn run_subscriber(spec: &PeerSpec, ready: impl FnOnce()) -> Result<PeerRepor
             let _ = std::fs::remove_file(&spec.socket);
             let err = |source| PeerError::Socket { path: spec.socket.clone(), source };
             let listener = UnixListener::bind(&spec.socket).map_err(err)?;
-            ready();
+            say("ready");
             let (mut stream, _) = listener.accept().map_err(err)?;
+            say("connected");
             let mut buf = vec![0u8; payload_len()];
             let mut a = [0u8; 8];
             loop {

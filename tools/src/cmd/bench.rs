@@ -13,7 +13,7 @@ use crate::Cli;
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     /// `latency`, `throughput`, `fanout`, `broker`, `wal`, `memory`, `recovery`, `gateway`,
-    /// `ingest` (or `all`).
+    /// `ingest`, `batch` (or `all`).
     pub scenario: String,
     /// A short run (under a minute for all scenarios).
     #[arg(long)]
@@ -133,8 +133,8 @@ pub fn peer(_cli: &Cli, a: &PeerArgs) -> Result<ExitCode> {
             println!("{}", serde_json::to_string(&report)?);
         }
         "sub" => {
-            let report = run_subscriber(&spec, || {
-                println!("ready");
+            let report = run_subscriber(&spec, |word| {
+                println!("{word}");
                 let _ = std::io::stdout().flush();
             })
             .context("bench subscriber")?;
