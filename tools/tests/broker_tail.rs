@@ -200,3 +200,44 @@ fn a_pinned_broker_leaves_its_log_threads_free_to_run_on_other_cores() {
     assert!(ok, "{err}");
     forget_bus(&bus);
 }
+
+/// CPU time (ns) the threads of process `pid` have run so far (`/proc/<pid>/task/*/schedstat`).
+fn cpu_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[test]
+fn a_blocking_tail_sleeps_while_the_market_is_quiet_and_still_prints_every_trade() {
+    let bus = unique_bus("idle");
+    let broker =
+        Proc::spawn("broker", &["broker", "--bus", &bus, "--no-wal", "--symbols", "1", "--rate", "4", "--steady"]);
+    // `tail` blocks on the stream's wake-up event by default (`--spin` busy-polls).
+    let mut tail = Proc::spawn("tail", &["tail", "--bus", &bus, "--kind", "trade"]);
+    let rx = tail.lines();
+    // The first trade: the tail is subscribed and has been woken at least once.
+    collect_until(&rx, Duration::from_secs(60), |_| true);
+    let pid = tail.child.id();
+    let (cpu_before, start) = (cpu_ns(pid), Instant::now());
+    std::thread::sleep(Duration::from_secs(3));
+    let (cpu, wall) = (cpu_ns(pid) - cpu_before, start.elapsed());
+    let trades: Vec<String> = rx.try_iter().collect();
+    assert!(
+        trades.len() >= 4,
+        "the tail must go on printing trades (4/s) while it sleeps between them; got {} in {wall:?}",
+        trades.len()
+    );
+    assert!(
+        u128::from(cpu) * 20 < wall.as_nanos(),
+        "a blocking reader on a quiet stream used {:.1} ms of CPU in {wall:?} (at most 5 % allowed)",
+        cpu as f64 / 1e6
+    );
+    let (ok, err) = tail.stop(Duration::from_secs(10));
+    assert!(ok, "{err}");
+    let (ok, err) = broker.stop(Duration::from_secs(10));
+    assert!(ok, "{err}");
+    forget_bus(&bus);
+}
