@@ -46,7 +46,10 @@ pub struct StreamSettings {
     pub max_publishers: usize,
     /// `false` (real-time streams): a full subscriber queue loses its oldest sample and the
     /// publisher never waits. `true`: the publisher waits until every subscriber has room
-    /// (for lossless consumers and benchmarks; a stalled reader stalls the publisher).
+    /// (for lossless consumers and benchmarks; a stalled reader stalls the publisher). Lossless
+    /// only once a subscriber has opened its side of the connection, at its first `receive` or
+    /// `has_samples` after the publisher's first send: a sample that finds a newer subscriber's
+    /// queue full before then is dropped by iceoryx2 without a word (seqs show it).
     pub lossless: bool,
 }
 
