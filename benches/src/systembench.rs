@@ -321,7 +321,9 @@ pub fn recovery(o: &BenchOptions, tmp: &Path) -> Result<Vec<Row>, BenchRunError>
     let wal = tmp.join("wal");
     let wal_s = wal.display().to_string();
 
-    // Fill the log, then kill -9 the broker mid-stream.
+    // Fill the log, then kill -9 the broker mid-stream: a few MiB past the target, so that the
+    // kill does not land in a segment roll (the full segment's fsync stalls the log there, and a
+    // kill at that moment would leave a log that ends on a record boundary).
     let args = synthetic_args(100, 1_000_000.0, 1_000_000_000);
     let mut a: Vec<&str> = args.iter().map(String::as_str).collect();
     a.extend(["--wal", &wal_s, "--durability", "none", "--config", &conf_s]);
@@ -330,7 +332,7 @@ pub fn recovery(o: &BenchOptions, tmp: &Path) -> Result<Vec<Row>, BenchRunError>
     let mut filler = spawn_broker(o, &bus, &a, tmp)?;
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
-        if dir_bytes(&wal).0 >= target {
+        if dir_bytes(&wal).0 >= target + (8 << 20) {
             break;
         }
         if Instant::now() > deadline || matches!(filler.try_wait(), Ok(Some(_))) {
@@ -342,6 +344,14 @@ pub fn recovery(o: &BenchOptions, tmp: &Path) -> Result<Vec<Row>, BenchRunError>
     stop(&mut filler, rustix::process::Signal::KILL);
     drop(reader);
     let (bytes, files) = dir_bytes(&wal);
+    // What the kill left: the restart must cut a torn tail (the writer's last records half
+    // written) before it continues the sequence.
+    let (records, problems) = mdbus_wal::check(&wal).map_err(|e| err("recovery: checking the log", e))?;
+    let tail = match problems.as_slice() {
+        [] => "the kill left whole records only".to_owned(),
+        [p] => format!("the kill left a torn tail ({}) at byte {} of the newest segment", p.reason, p.offset),
+        many => return Err(err("recovery", format!("the killed broker's log is damaged beyond its tail: {many:?}"))),
+    };
 
     let runs = if o.quick { 1 } else { 3 };
     let median = |mut v: Vec<(Duration, u64)>| {
@@ -370,7 +380,10 @@ pub fn recovery(o: &BenchOptions, tmp: &Path) -> Result<Vec<Row>, BenchRunError>
     x.p50_ns = r.as_nanos() as u64;
     x.per_second = 0.0;
     x.ratio_vs_baseline = r.as_secs_f64() / f.as_secs_f64().max(1e-9);
-    x.note = format!("log {:.0} MiB in {files} files; first new frame seq {seq}", bytes as f64 / (1 << 20) as f64);
+    x.note = format!(
+        "log {:.0} MiB in {files} files, {records} whole records; {tail}; first new frame seq {seq}",
+        bytes as f64 / (1 << 20) as f64
+    );
     rows.push(x);
     Ok(rows)
 }
