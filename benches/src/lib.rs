@@ -259,7 +259,7 @@ fn row(name: &str, t: Transport, r: &PeerReport) -> Row {
         messages: r.received,
         lost: r.lost,
         out_of_order: r.out_of_order,
-        per_second: if r.elapsed_s > 0.0 { r.received as f64 / r.elapsed_s } else { 0.0 },
+        per_second: if r.elapsed_s > 0.0 { r.measured as f64 / r.elapsed_s } else { 0.0 },
         bytes_per_second: 0.0,
         p50_ns: r.p50_ns,
         p99_ns: r.p99_ns,
@@ -384,10 +384,11 @@ pub fn run_scenario(scenario: &str, o: &BenchOptions) -> Result<ScenarioReport, 
                 let mut rw = Row::rate(
                     &format!("publisher, lossy stream, {n} subscriber{}", if n == 1 { " (baseline)" } else { "s" }),
                     "mdbus",
-                    count,
+                    publ.measured,
                     std::time::Duration::from_secs_f64(publ.elapsed_s.max(1e-9)),
                     0,
                 );
+                rw.messages = count;
                 rw.lost = received.iter().map(|r| count - r.min(&count)).sum();
                 rw.note = format!(
                     "each subscriber read {:.0}–{:.0} % of the frames; the rest were overwritten before it read them (its seq tracking counts them); {}",
@@ -406,16 +407,26 @@ pub fn run_scenario(scenario: &str, o: &BenchOptions) -> Result<ScenarioReport, 
                 // processes on one core would spend its time spinning instead of reading.
                 let spec = PeerSpec { block: true, ..base(Transport::Mdbus, Mode::Throughput, count) };
                 let (reports, _) = run_fanout(&o.exe, &spec, n, pin)?;
-                let slowest = reports.iter().map(|r| r.elapsed_s).fold(0.0, f64::max);
-                let fastest = reports.iter().map(|r| r.elapsed_s).fold(f64::INFINITY, f64::min);
+                // Each subscriber's rate over its frames after the warm-up; the row is the slowest's.
+                let rate = |r: &PeerReport| r.measured as f64 / r.elapsed_s.max(1e-9);
+                let slowest = reports.iter().min_by(|a, b| rate(a).total_cmp(&rate(b)));
+                let (slowest_rate, fastest_rate) = (
+                    reports.iter().map(rate).fold(f64::INFINITY, f64::min),
+                    reports.iter().map(rate).fold(0.0, f64::max),
+                );
+                let (last_done, first_done) = (
+                    reports.iter().map(|r| r.elapsed_s).fold(0.0, f64::max),
+                    reports.iter().map(|r| r.elapsed_s).fold(f64::INFINITY, f64::min),
+                );
                 let received: u64 = reports.iter().map(|r| r.received).sum();
                 let mut rw = Row::rate(
                     &format!("mdbus, {n} subscriber process{}", if n == 1 { " (baseline)" } else { "es" }),
                     "mdbus",
-                    count,
-                    std::time::Duration::from_secs_f64(slowest),
+                    slowest.map_or(0, |r| r.measured),
+                    std::time::Duration::from_secs_f64(slowest.map_or(1.0, |r| r.elapsed_s.max(1e-9))),
                     0,
                 );
+                rw.messages = count;
                 rw.lost = reports.iter().map(|r| r.lost).sum();
                 rw.out_of_order = reports.iter().map(|r| r.out_of_order).sum();
                 rw.name = format!(
@@ -424,9 +435,9 @@ pub fn run_scenario(scenario: &str, o: &BenchOptions) -> Result<ScenarioReport, 
                 );
                 rw.note = format!(
                     "{received} frames delivered in all; per subscriber {:.2}–{:.2} M frames/s; last one done {:.0} ms after the first; {}",
-                    count as f64 / slowest.max(1e-9) / 1e6,
-                    count as f64 / fastest.max(1e-9) / 1e6,
-                    (slowest - fastest) * 1e3,
+                    slowest_rate / 1e6,
+                    fastest_rate / 1e6,
+                    (last_done - first_done) * 1e3,
                     lag_note(&reports, &mut rw)
                 );
                 rows.push(rw);

@@ -99,6 +99,10 @@ fn one() -> usize {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct PeerReport {
     pub received: u64,
+    /// Messages received after the warm-up: the ones `elapsed_s` times (throughput mode leaves
+    /// the first tenth out; latency mode times them all).
+    #[serde(default)]
+    pub measured: u64,
     pub lost: u64,
     pub out_of_order: u64,
     pub elapsed_s: f64,
@@ -118,6 +122,7 @@ impl PeerReport {
     /// latency histogram is merged by the caller).
     pub fn add_round(&mut self, r: &PeerReport) {
         self.received += r.received;
+        self.measured += r.measured;
         self.lost += r.lost;
         self.out_of_order += r.out_of_order;
         self.elapsed_s += r.elapsed_s;
@@ -215,7 +220,12 @@ impl Pacer {
 
 struct Recorder {
     hist: Histogram<u64>,
+    /// Latency mode: messages (by seq) left out of the histogram.
     warmup: u64,
+    /// Throughput mode: messages received before the clock starts (a tenth of the count), and
+    /// where it started.
+    warm: u64,
+    at_first: u64,
     received: u64,
     next: u64,
     lost: u64,
@@ -225,15 +235,17 @@ struct Recorder {
 }
 
 impl Recorder {
-    fn new(mode: Mode) -> Recorder {
-        let warmup = match mode {
-            Mode::Latency { warmup, .. } => warmup,
-            Mode::Throughput => 0,
+    fn new(mode: Mode, count: u64) -> Recorder {
+        let (warmup, warm) = match mode {
+            Mode::Latency { warmup, .. } => (warmup, 0),
+            Mode::Throughput => (0, count / 10),
         };
         Recorder {
             // Invariant: valid constant bounds (1 ns .. 60 s, 3 significant digits).
             hist: Histogram::new_with_bounds(1, 60_000_000_000, 3).unwrap_or_else(|_| unreachable!()),
             warmup,
+            warm,
+            at_first: 0,
             received: 0,
             next: 0,
             lost: 0,
@@ -242,14 +254,26 @@ impl Recorder {
             last: Instant::now(),
         }
     }
-    /// Marks the arrival time of what follows (once per batch, not per frame).
+    /// Marks the arrival time of what follows (once per batch, not per frame). With a warm-up
+    /// the clock starts in [`on`](Self::on) instead.
     fn stamp(&mut self) {
         let now = Instant::now();
-        self.first.get_or_insert(now);
+        if self.warm == 0 {
+            self.first.get_or_insert(now);
+        }
         self.last = now;
     }
 
+    /// Starts the clock now, with `done` messages behind it (the warm-up).
+    fn start_clock(&mut self, done: u64) {
+        self.first = Some(Instant::now());
+        self.at_first = done;
+    }
+
     fn on(&mut self, seq: u64, sent_ns: Option<u64>) {
+        if self.warm > 0 && self.received == self.warm && self.first.is_none() {
+            self.start_clock(self.received);
+        }
         if seq > self.next {
             self.lost += seq - self.next;
         } else if seq < self.next {
@@ -266,13 +290,16 @@ impl Recorder {
     /// Throughput mode: the age of a sample when its first frame is read (publish → read), once
     /// per sample, into the histogram (latency mode records every message in [`on`](Self::on)).
     fn lag(&mut self, sent_ns: u64) {
-        let _ = self.hist.record(now_ns().saturating_sub(sent_ns).max(1));
+        if self.received >= self.warm {
+            let _ = self.hist.record(now_ns().saturating_sub(sent_ns).max(1));
+        }
     }
 
     fn report(&self) -> PeerReport {
         let h = &self.hist;
         PeerReport {
             received: self.received,
+            measured: self.received.saturating_sub(self.at_first),
             lost: self.lost,
             out_of_order: self.out_of_order,
             elapsed_s: self.first.map_or(0.0, |f| self.last.duration_since(f).as_secs_f64()),
@@ -324,7 +351,7 @@ fn await_go(spec: &PeerSpec) -> Result<(), PeerError> {
 /// then the end marker. Returns its own report: messages sent and the time from the first send
 /// to the last.
 pub fn run_publisher(spec: &PeerSpec) -> Result<PeerReport, PeerError> {
-    let mut sent = Recorder::new(spec.mode);
+    let mut sent = Recorder::new(spec.mode, spec.count);
     pin(spec.core);
     let mut pacer = Pacer::new(spec.mode);
     match spec.transport {
@@ -357,6 +384,10 @@ pub fn run_publisher(spec: &PeerSpec) -> Result<PeerReport, PeerError> {
             let mut k = sample_kline(sym);
             sent.stamp();
             for i in 0..spec.count {
+                if i == sent.warm && i > 0 {
+                    // The warm-up is over: the publisher's own clock starts.
+                    sent.start_clock(i);
+                }
                 pacer.wait();
                 next_update(&mut k, i);
                 let h = header(FrameKind::Kline, 9, i + 1);
@@ -478,7 +509,7 @@ fn raw_service(bus: &str, s: StreamSettings) -> Result<(Node<ipc::Service>, RawS
 /// the end marker.
 pub fn run_subscriber(spec: &PeerSpec, mut say: impl FnMut(&str)) -> Result<PeerReport, PeerError> {
     pin(spec.core);
-    let mut rec = Recorder::new(spec.mode);
+    let mut rec = Recorder::new(spec.mode, spec.count);
     let timed = matches!(spec.mode, Mode::Latency { .. });
     match spec.transport {
         Transport::Mdbus => {
