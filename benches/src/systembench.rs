@@ -243,7 +243,10 @@ pub fn memory(o: &BenchOptions, tmp: &Path) -> Result<Vec<Row>, BenchRunError> {
     {
         let args = synthetic_args(symbols, 100_000.0, n);
         let mut a: Vec<&str> = args.iter().map(String::as_str).collect();
-        a.push("--no-wal");
+        // As the broker runs by default: its write-ahead log on (the log's buffers count too).
+        let wal = tmp.join(format!("mem-wal-{symbols}"));
+        let wal_s = wal.display().to_string();
+        a.extend(["--wal", &wal_s, "--durability", "interval:10"]);
         let mut hwm = 0;
         let r = run_to_end(o, &format!("mem{symbols}"), &a, tmp, |pid| {
             let (now, peak) = rss(pid);
@@ -255,6 +258,7 @@ pub fn memory(o: &BenchOptions, tmp: &Path) -> Result<Vec<Row>, BenchRunError> {
         row.rss_bytes = r.at_end;
         row.note = format!("peak {:.1} MB; {} trades over the symbols", hwm as f64 / 1e6, n);
         rows.push(row);
+        let _ = std::fs::remove_dir_all(&wal);
     }
     let base = rows[0].rss_bytes.max(1) as f64;
     for r in &mut rows {
