@@ -410,10 +410,8 @@ pub fn run_scenario(scenario: &str, o: &BenchOptions) -> Result<ScenarioReport, 
                 // Each subscriber's rate over its frames after the warm-up; the row is the slowest's.
                 let rate = |r: &PeerReport| r.measured as f64 / r.elapsed_s.max(1e-9);
                 let slowest = reports.iter().min_by(|a, b| rate(a).total_cmp(&rate(b)));
-                let (slowest_rate, fastest_rate) = (
-                    reports.iter().map(rate).fold(f64::INFINITY, f64::min),
-                    reports.iter().map(rate).fold(0.0, f64::max),
-                );
+                let (slowest_rate, fastest_rate) =
+                    (slowest.map_or(0.0, rate), reports.iter().map(rate).fold(0.0, f64::max));
                 let (last_done, first_done) = (
                     reports.iter().map(|r| r.elapsed_s).fold(0.0, f64::max),
                     reports.iter().map(|r| r.elapsed_s).fold(f64::INFINITY, f64::min),
