@@ -48,8 +48,8 @@ pub struct StreamSettings {
     /// publisher never waits. `true`: the publisher waits until every subscriber has room
     /// (for lossless consumers and benchmarks; a stalled reader stalls the publisher). Lossless
     /// only once a subscriber has opened its side of the connection, at its first `receive` or
-    /// `has_samples` after the publisher's first send: a sample that finds a newer subscriber's
-    /// queue full before then is dropped by iceoryx2 without a word (seqs show it).
+    /// `has_samples` after the publisher's port exists: a sample that finds a subscriber's queue
+    /// full before then is dropped by iceoryx2 without a word (seqs show it).
     pub lossless: bool,
 }
 
