@@ -353,7 +353,12 @@ pub fn recovery(o: &BenchOptions, tmp: &Path) -> Result<Vec<Row>, BenchRunError>
     let (records, problems) = mdbus_wal::check(&wal).map_err(|e| err("recovery: checking the log", e))?;
     let tail = match problems.as_slice() {
         [] => "the kill left whole records only".to_owned(),
-        [p] => format!("the kill left a torn tail ({}) at byte {} of the newest segment", p.reason, p.offset),
+        [p] => format!(
+            "the kill left an incomplete record ({}) at byte {} of {}",
+            p.reason,
+            p.offset,
+            p.path.file_name().map_or_else(|| p.path.display().to_string(), |n| n.to_string_lossy().into_owned())
+        ),
         many => return Err(err("recovery", format!("the killed broker's log is damaged beyond its tail: {many:?}"))),
     };
 
