@@ -89,14 +89,14 @@ pub fn figures(r: &ScenarioReport) -> Vec<Figure> {
         "wal" => {
             // The target is held by the durable policies (the broker's default and every-batch);
             // with no sync the raw write is a copy into the page cache (see the wal analysis).
-            if let Some(a) = find(r, "wal append, durability interval") {
-                out.push(fig("WAL append (interval:10) / raw write", a.ratio_vs_baseline, "×", Some((true, 0.7))));
-            }
-            if let Some(a) = find(r, "wal append, durability every-batch") {
-                out.push(fig("WAL append (every-batch) / raw write", a.ratio_vs_baseline, "×", Some((true, 0.7))));
-            }
-            if let Some(a) = find(r, "wal append, durability none") {
-                out.push(fig("WAL append (none, no sync) / raw write", a.ratio_vs_baseline, "×", None));
+            for (policy, label, target) in [
+                ("interval", "interval:10", Some((true, 0.7))),
+                ("every-batch", "every-batch", Some((true, 0.7))),
+                ("none", "none, no sync", None),
+            ] {
+                if let Some(a) = find(r, &format!("wal append, durability {policy}")) {
+                    out.push(fig(&format!("WAL append ({label}) / raw write"), a.ratio_vs_baseline, "×", target));
+                }
             }
             if let Some(p) = find(r, "wal replay (records") {
                 out.push(fig("WAL replay", p.per_second / 1e6, "M frames/s", Some((true, 10.0))));
